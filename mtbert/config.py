@@ -1,0 +1,474 @@
+"""Typed run configuration: dataclasses with a docstring per field, presets, dotted overrides.
+
+    python mtbert/train.py --preset recipe --train.lr=3e-5 --data.tasks=sst,sts
+    python mtbert/train.py --config my_run.yaml --heads.sts.kind=cosine
+
+Precedence: defaults < preset < --config file < command-line overrides. Every value is
+checked before any work starts; an error names the field (``train.lr``) and what is wrong.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import os
+import sys
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DATA_DIR_ENV = "MTBERT_DATA_DIR"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field."""
+
+
+@dataclass
+class HeadCfg:
+    """How one task's prediction head is built (``--heads.<task>.<field>``)."""
+
+    kind: str = "auto"
+    """Head type. Single-sentence tasks: `linear`. Pair tasks: `bi` ([u; v; |u-v|; u*v]),
+    `cos2d` ([u; v; cos(u,v)], the seeds' "2d+1" head), `cosine` (cos(u,v) scaled to the label
+    range, regression only) or `cross` (both sentences in one sequence). `auto`: the task's default."""
+    pooling: str = "mean"
+    """Sentence vector from token states: `cls`, `mean` (over non-padding tokens; how the packaged
+    MiniLM was trained) or `max`."""
+    layers: int = 1
+    """1 = one linear layer; 2 = linear-GELU-linear (the seeds' "large heads")."""
+    loss: str = "auto"
+    """`ce`, `bce`, `mse`, or `cosine_embedding` (cosine head only). `auto`: the task's default."""
+    dropout: float = 0.1
+    """Dropout on the pooled features before the head."""
+
+
+@dataclass
+class TaskDefCfg:
+    """A user-defined task (``--task_defs.<name>.<field>``); add its name to ``data.tasks``."""
+
+    kind: str = "single_classification"
+    """`single_classification`, `pair_classification` or `pair_regression`."""
+    num_labels: int = 2
+    """Classes for classification tasks (2 means one logit + BCE by default)."""
+    label_min: float = 0.0
+    """Regression label range, lower end (used by the cosine head)."""
+    label_max: float = 1.0
+    """Regression label range, upper end."""
+    source: str = "cs224n"
+    """`cs224n` (tab-separated course files) or `hub` (a Hugging Face dataset)."""
+    train: str = ""
+    """cs224n: train file (relative to data.dir or absolute). hub: the split name."""
+    dev: str = ""
+    """cs224n: dev file. hub: the split name."""
+    test: str = ""
+    """cs224n: unlabeled test file (optional). hub: the split name (optional)."""
+    hub_name: str = ""
+    """hub: dataset name, e.g. `glue`."""
+    hub_config: str = ""
+    """hub: dataset config, e.g. `stsb`."""
+    columns: str = ""
+    """Column mapping `role:column,...` with roles id, text_a, text_b, label,
+    e.g. `text_a:sentence1,text_b:sentence2,label:label,id:idx`."""
+
+
+@dataclass
+class ModelCfg:
+    checkpoint: str = "minilm-l6"
+    """HF BERT checkpoint: `minilm-l6` (packaged all-MiniLM-L6-v2), a local folder, or a hub id
+    such as `bert-base-uncased` (needs network the first time)."""
+    encoder: str = "finetune"
+    """`finetune` (train everything) or `frozen` (train the heads only; use lr ~1e-3)."""
+    sharing: str = ""
+    """Hard parameter sharing topology `F<a>-S<b>-I<c>` (frozen bottom, shared middle, per-task
+    top layers; a+b+c = number of layers), e.g. `F2-S2-I2`. Empty: all layers shared."""
+    dropout: float = -1.0
+    """Override the checkpoint's hidden/attention dropout (-1 keeps the checkpoint's)."""
+    max_length: int = 128
+    """Tokens per sentence (pairs in a cross-encoder share this budget)."""
+
+
+@dataclass
+class DataCfg:
+    dir: str = ""
+    """Folder with the CS224N task files. Empty: $MTBERT_DATA_DIR, else the packaged sample."""
+    tasks: list[str] = field(default_factory=lambda: ["sst", "quora", "sts"])
+    """Tasks trained jointly, comma-separated: built-in sst, cfimdb, quora, sts, or names from task_defs."""
+    batch_size: int = 32
+    """Examples per task batch on each process (global batch = this x processes)."""
+    eval_batch_size: int = 128
+    """Examples per evaluation batch."""
+    bucket: bool = True
+    """Length-bucketed batches (less padding); off = random batches."""
+    max_train: int = 0
+    """Use at most this many training examples per task (0 = all)."""
+    max_eval: int = 0
+    """Evaluate on at most this many dev examples per task (0 = all)."""
+    skip_bad_rows: bool = False
+    """Skip malformed rows (reported per file) instead of stopping with the file and line."""
+
+
+@dataclass
+class TrainCfg:
+    out_dir: str = "runs/default"
+    """Run directory: config.json, metrics.jsonl, predictions/, checkpoints/."""
+    seed: int = 0
+    """Seed for weights of new layers, dropout, shuffling and the PCGrad order."""
+    epochs: int = 1
+    """Training epochs (stages per task when schedule=sequential)."""
+    epoch_steps: str = "largest"
+    """Steps per epoch: `smallest` / `largest` / `sum` (of the tasks' batches per epoch) or an integer."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total (0 = no limit)."""
+    lr: float = 2e-5
+    """Peak learning rate of the encoder."""
+    head_lr: float = 0.0
+    """Learning rate of heads and per-task layers (0 = same as lr)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and LayerNorm weights)."""
+    warmup: float = 0.1
+    """Warmup as a fraction of the total steps."""
+    lr_schedule: str = "linear"
+    """After warmup: `linear` decay to 0, `cosine`, or `constant`."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    grad_accum: int = 1
+    """Accumulate this many task-batch rounds per optimizer step."""
+    schedule: str = "round_robin"
+    """Task schedule: `round_robin` (a batch of every task each step), `proportional`, `annealed`,
+    `temperature`, `union` (one batch drawn from all tasks' data), `sequential` (one task after another)."""
+    temperature: float = 2.0
+    """T of the temperature schedule (p ~ N^(1/T))."""
+    eval_every: int = 0
+    """Evaluate on dev every this many steps (0 = at the end of each epoch)."""
+    log_every: int = 10
+    """Write a train metrics line every this many steps."""
+    keep_last: int = 2
+    """Training-state checkpoints kept (the best model is kept separately)."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every this many steps (0 = at each evaluation)."""
+    resume: bool = True
+    """Resume from the newest checkpoint in out_dir if there is one."""
+    max_bad_steps: int = 5
+    """Stop when this many steps in a row had a NaN/inf loss or gradient (they are skipped)."""
+    precision: str = "auto"
+    """`auto` (from the accelerate config / launch flags), `no` (fp32), `bf16` or `fp16` (GPU only:
+    Accelerate silently ignores fp16 on CPU)."""
+    compile: bool = False
+    """torch.compile the encoder."""
+    progress: bool = True
+    """tqdm progress bar on the main process."""
+
+
+@dataclass
+class MethodCfg:
+    name: str = "sum"
+    """Gradient combination: `sum` (summed losses), `mean`, `pcgrad`, `gse` (mean of projected,
+    then a second update with the plain combined gradient)."""
+    pcgrad_reduction: str = "sum"
+    """PCGrad update: `sum` of projected gradients (Yu et al. 2020) or `mean`."""
+    reducer: str = "allreduce"
+    """Multi-process per-task gradient reduction: `allreduce` ([K,P] in buckets) or `sharded`
+    (reduce-scatter + K x K Gram all-reduce)."""
+    conflict_stats: bool = True
+    """Log gradient-conflict statistics (pairwise cosines, conflict fraction, norm ratio)."""
+    smart: bool = False
+    """SMART adversarial regularisation on every task."""
+    smart_weight: float = 5.0
+    """lambda of SMART."""
+    smart_step: float = 1e-3
+    """eta: ascent step size on the perturbation."""
+    smart_noise: float = 1e-5
+    """sigma: initial perturbation noise."""
+    smart_steps: int = 1
+    """Ascent steps."""
+    arrp_batches: int = 0
+    """ARRP: extra batches of the largest task after every epoch (0 = off)."""
+    arrp_weight: float = 1.0
+    """ARRP: loss scale lambda of the extra batches."""
+    arrp_freeze: str = "none"
+    """ARRP: `none`, or `all_but_head` (only that task's head trains in the extra batches)."""
+    pairwise: bool = False
+    """Pairwise joint training: each epoch trains the task pairs in turn (SST+Quora, Quora+STS, STS+SST)."""
+
+
+@dataclass
+class LogCfg:
+    wandb: bool = False
+    """Track with Weights & Biases (WANDB_MODE=offline works without network)."""
+    project: str = "mtbert"
+    """W&B project."""
+    group: str = ""
+    """W&B group (a sweep's name)."""
+    name: str = ""
+    """Run name (default: the out_dir's last part)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags (the method is always added)."""
+
+
+@dataclass
+class Config:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    method: MethodCfg = field(default_factory=MethodCfg)
+    log: LogCfg = field(default_factory=LogCfg)
+    heads: dict[str, HeadCfg] = field(default_factory=dict)
+    task_defs: dict[str, TaskDefCfg] = field(default_factory=dict)
+
+
+# Presets are plain lists of overrides, applied before the user's own.
+PRESETS: dict[str, list[str]] = {
+    "default": [],
+    # Real CS224N files, packaged MiniLM, ~30 min on 2 CPU cores (README "Results").
+    "recipe": ["--data.dir=../shared/data/cs224n", "--train.out_dir=runs/recipe",
+               "--train.epochs=2", "--train.epoch_steps=300", "--data.batch_size=32", "--train.lr=1e-4",
+               "--heads.sts.kind=cosine", "--heads.sts.pooling=mean", "--heads.quora.kind=bi",
+               "--heads.quora.pooling=mean", "--heads.sst.pooling=mean",
+               "--train.eval_every=300", "--data.max_eval=0"],
+    "frozen": ["--model.encoder=frozen", "--train.lr=1e-3"],
+    "pcgrad": ["--method.name=pcgrad"],
+    "gse": ["--method.name=gse"],
+    "rr_pcgrad": ["--method.name=pcgrad", "--train.schedule=round_robin"],
+    "arrp": ["--method.name=pcgrad", "--train.schedule=round_robin", "--method.arrp_batches=20",
+             "--method.arrp_freeze=all_but_head"],
+    "a_pcgrad": ["--method.name=pcgrad", "--train.schedule=annealed"],
+    "v_pcgrad": ["--method.name=pcgrad", "--train.schedule=union"],
+    "pairwise": ["--method.pairwise=true"],
+    "smart": ["--method.smart=true"],
+    "sequential": ["--train.schedule=sequential"],
+    "mops": ["--model.sharing=F2-S2-I2"],
+}
+
+CHOICES = {
+    "model.encoder": {"finetune", "frozen"},
+    "train.lr_schedule": {"linear", "cosine", "constant"},
+    "train.precision": {"auto", "no", "bf16", "fp16"},
+    "train.schedule": {"round_robin", "proportional", "annealed", "temperature", "union", "sequential"},
+    "method.name": {"sum", "mean", "pcgrad", "gse"},
+    "method.pcgrad_reduction": {"sum", "mean"},
+    "method.reducer": {"allreduce", "sharded"},
+    "method.arrp_freeze": {"none", "all_but_head"},
+    "heads.*.kind": {"auto", "linear", "bi", "cos2d", "cosine", "cross"},
+    "heads.*.pooling": {"cls", "mean", "max"},
+    "heads.*.loss": {"auto", "ce", "bce", "mse", "cosine_embedding"},
+    "task_defs.*.kind": {"single_classification", "pair_classification", "pair_regression"},
+    "task_defs.*.source": {"cs224n", "hub"},
+}
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring written under each dataclass field (parsed from the source)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body, docs = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _parse_value(path: str, text: str, typ):
+    """Turn a command-line string into the field's type, or raise naming the field."""
+    try:
+        if typ is bool:
+            low = str(text).lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            return int(text)
+        if typ is float:
+            return float(text)
+        if typing.get_origin(typ) is list:
+            items = text if isinstance(text, list) else [t for t in str(text).split(",") if t.strip()]
+            return [str(t).strip() for t in items]
+        return str(text)
+    except ValueError:
+        raise ConfigError(f"{path}: expected {getattr(typ, '__name__', typ)}, got {text!r}") from None
+
+
+def _types(obj) -> dict:
+    return typing.get_type_hints(type(obj))
+
+
+def set_value(cfg: Config, dotted: str, text) -> None:
+    """Set ``cfg.<dotted>`` from a string, creating ``heads.<task>`` / ``task_defs.<name>`` entries."""
+    parts, obj, walked = dotted.split("."), cfg, []
+    for i, name in enumerate(parts):
+        walked.append(name)
+        path = ".".join(walked)
+        if isinstance(obj, dict):
+            kind = HeadCfg if walked[0] == "heads" else TaskDefCfg
+            obj = obj.setdefault(name, kind())
+            continue
+        hints = _types(obj)
+        if name not in hints:
+            close = difflib.get_close_matches(name, list(hints), n=1)
+            hint = f" (did you mean {'.'.join(walked[:-1] + close)}?)" if close else ""
+            raise ConfigError(f"unknown config key {path!r}{hint}; see --help")
+        if i == len(parts) - 1:
+            if typing.get_origin(hints[name]) is dict:
+                raise ConfigError(f"{path}: give a field, e.g. {path}.<task>.kind")
+            setattr(obj, name, _parse_value(path, text, hints[name]))
+            return
+        obj = getattr(obj, name)
+    raise ConfigError(f"{dotted}: give a field, not a section")
+
+
+def _flatten(d: dict, prefix="") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_file(cfg: Config, path: str) -> None:
+    """Apply a YAML or JSON file of (nested) fields, e.g. the config.json of an earlier run."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file {path}")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # the parser's message has the line number
+        raise ConfigError(f"{path}: cannot parse: {e}") from None
+    for key, value in _flatten(data).items():
+        set_value(cfg, key, value if isinstance(value, (list, str)) else str(value))
+
+
+def parse_args(argv: list[str]) -> Config:
+    """Defaults, then ``--preset NAME[,NAME]``, ``--config FILE``, then ``--a.b=value`` overrides."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        sys.exit(0)
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --train.lr=3e-5")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, value = arg[2:], argv[i + 1]
+            i += 1
+        else:
+            key, value = arg[2:], "true"  # a bare flag: --train.compile
+        pairs.append((key, value))
+        i += 1
+    cfg = Config()
+    for key, value in pairs:
+        if key == "preset":
+            for name in value.split(","):
+                if name not in PRESETS:
+                    raise ConfigError(f"--preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
+                for k, v in (o[2:].split("=", 1) for o in PRESETS[name]):
+                    set_value(cfg, k, v)
+    for key, value in pairs:
+        if key == "config":
+            load_file(cfg, value)
+    for key, value in pairs:
+        if key not in ("preset", "config"):
+            set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values and combinations before any work; messages name the field."""
+    def check_choice(path, value):
+        pattern = path if path in CHOICES else ".".join(p if j != 1 else "*" for j, p in enumerate(path.split(".")))
+        allowed = CHOICES.get(pattern)
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{path}: {value!r} is not one of {sorted(allowed)}")
+
+    for key, value in _flatten(to_dict(cfg)).items():
+        check_choice(key, value)
+    t, d, m = cfg.train, cfg.data, cfg.method
+    positive = {"data.batch_size": d.batch_size, "data.eval_batch_size": d.eval_batch_size,
+                "train.epochs": t.epochs, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+                "model.max_length": cfg.model.max_length, "train.keep_last": t.keep_last,
+                "train.max_bad_steps": t.max_bad_steps}
+    for path, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{path}: must be > 0, got {v}")
+    for path, v in {"train.lr": t.lr, "train.head_lr": t.head_lr, "train.weight_decay": t.weight_decay,
+                    "train.grad_clip": t.grad_clip, "train.max_steps": t.max_steps,
+                    "train.eval_every": t.eval_every, "data.max_train": d.max_train,
+                    "method.arrp_batches": m.arrp_batches, "method.smart_steps": m.smart_steps}.items():
+        if v < 0:
+            raise ConfigError(f"{path}: must be >= 0, got {v}")
+    if t.lr == 0:
+        raise ConfigError("train.lr: must be > 0")
+    if not 0 <= t.warmup < 1:
+        raise ConfigError(f"train.warmup: a fraction in [0, 1), got {t.warmup}")
+    if t.epoch_steps not in ("smallest", "largest", "sum"):
+        try:
+            assert int(t.epoch_steps) > 0
+        except (ValueError, AssertionError):
+            raise ConfigError(f"train.epoch_steps: `smallest`, `largest`, `sum` or a positive integer, "
+                              f"got {t.epoch_steps!r}") from None
+    if not d.tasks:
+        raise ConfigError("data.tasks: name at least one task")
+    if len(set(d.tasks)) != len(d.tasks):
+        raise ConfigError(f"data.tasks: a task is listed twice: {d.tasks}")
+    from mtbert.data.tasks import TASKS  # local import: tasks.py imports this module
+    for name in d.tasks:
+        if name not in TASKS and name not in cfg.task_defs:
+            raise ConfigError(f"data.tasks: unknown task {name!r}; built in: {', '.join(TASKS)}; "
+                              f"or define it with --task_defs.{name}.kind=... ")
+    for name in cfg.heads:
+        if name not in d.tasks:
+            raise ConfigError(f"heads.{name}: {name!r} is not in data.tasks {d.tasks}")
+    multi = {"method.name": m.name in ("pcgrad", "gse"), "method.pairwise": m.pairwise,
+             "method.arrp_batches": m.arrp_batches > 0}
+    for path, on in multi.items():
+        if on and len(d.tasks) < 2:
+            raise ConfigError(f"{path}: needs at least two tasks in data.tasks, got {d.tasks}")
+    if m.arrp_batches and t.schedule != "round_robin":
+        raise ConfigError("method.arrp_batches: ARRP extends round-robin training; set train.schedule=round_robin")
+    if m.pairwise and t.schedule != "round_robin":
+        raise ConfigError("method.pairwise: pairs are trained round-robin; set train.schedule=round_robin")
+    if cfg.model.sharing:
+        from mtbert.model.heads import parse_sharing
+        try:
+            parse_sharing(cfg.model.sharing)
+        except ValueError as e:
+            raise ConfigError(f"model.sharing: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def help_text() -> str:
+    lines = ["usage: accelerate launch mtbert/train.py [--preset NAME] [--config FILE] [--section.field=VALUE ...]",
+             "", f"presets: {', '.join(PRESETS)}", f"data: --data.dir or ${DATA_DIR_ENV}", ""]
+    sections = [("model", ModelCfg), ("data", DataCfg), ("train", TrainCfg), ("method", MethodCfg),
+                ("log", LogCfg), ("heads.<task>", HeadCfg), ("task_defs.<name>", TaskDefCfg)]
+    for prefix, cls in sections:
+        lines.append(f"[{prefix}]")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  --{prefix}.{f.name}={default!r}")
+            lines.append(textwrap.fill(docs.get(f.name, ""), 96, initial_indent="      ", subsequent_indent="      "))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def default_data_dir() -> str:
+    return os.environ.get(DATA_DIR_ENV, "")

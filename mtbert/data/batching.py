@@ -1,0 +1,101 @@
+"""Tokenize a task split once, then build dynamically padded batches from example indices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mtbert.data.cs224n import read_cs224n
+from mtbert.data.hub import read_hub
+
+SAMPLE_DIR = Path(__file__).parent / "sample"
+
+
+@dataclass
+class TokenizedSplit:
+    """One task split: token ids per example (lists, padded per batch), labels, ids."""
+
+    task: str
+    ids: list[str]
+    a: list[list[int]]
+    b: list[list[int]] | None  # second sentence (bi-encoder pairs)
+    types: list[list[int]] | None  # segment ids (cross-encoder pairs)
+    labels: torch.Tensor | None  # [N] float; None for test files
+    report: str = ""
+
+    def __len__(self):
+        return len(self.ids)
+
+    def lengths(self) -> list[int]:
+        return [max(len(x), len(y)) for x, y in zip(self.a, self.b)] if self.b else [len(x) for x in self.a]
+
+    def token_count(self, idx) -> int:
+        """Non-padding tokens in examples ``idx`` (host-side: no device sync)."""
+        return sum(len(self.a[i]) + (len(self.b[i]) if self.b else 0) for i in idx)
+
+    def batch(self, idx, device=None) -> dict:
+        """Padded tensors for examples ``idx``: a_ids/a_mask[/a_types][/b_ids/b_mask] [B, T], labels [B]."""
+        out = {}
+        for key, seqs in (("a", self.a), ("b", self.b)):
+            if seqs is None:
+                continue
+            rows = [seqs[i] for i in idx]
+            T = max(len(r) for r in rows)
+            ids = torch.zeros(len(rows), T, dtype=torch.long)
+            mask = torch.zeros(len(rows), T, dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, :len(r)] = torch.tensor(r)
+                mask[j, :len(r)] = 1
+            out[f"{key}_ids"], out[f"{key}_mask"] = ids, mask
+            if key == "a" and self.types is not None:
+                types = torch.zeros(len(rows), T, dtype=torch.long)
+                for j, i in enumerate(idx):
+                    types[j, :len(self.types[i])] = torch.tensor(self.types[i])
+                out["a_types"] = types
+        if self.labels is not None:
+            out["labels"] = self.labels[list(idx)]
+        if device is not None:
+            out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
+        return out
+
+
+def data_dir(cfg) -> Path:
+    import os
+    d = cfg.data.dir or os.environ.get("MTBERT_DATA_DIR", "")
+    return Path(d) if d else SAMPLE_DIR
+
+
+def load_split(spec, split: str, cfg, tokenizer, head_kind: str, log=print) -> TokenizedSplit | None:
+    """Read and tokenize one split ('train', 'dev', 'test'); None if the task has no such file."""
+    labeled = split != "test"
+    if spec.source == "hub":
+        if split not in spec.files:
+            return None
+        examples, report = read_hub(spec, spec.files[split], labeled, cfg.data.skip_bad_rows)
+    else:
+        if split not in spec.files:
+            return None
+        path = Path(spec.files[split])
+        path = path if path.is_absolute() else data_dir(cfg) / path
+        if split == "test" and not path.exists():
+            return None  # test files are optional (e.g. no Quora test file offline)
+        examples, report = read_cs224n(path, spec, labeled, cfg.data.skip_bad_rows)
+    limit = cfg.data.max_train if split == "train" else cfg.data.max_eval if split == "dev" else 0
+    if limit:
+        examples = examples[:limit]
+    log(report.summary() + (f" (using {len(examples)})" if limit else ""))
+    L = cfg.model.max_length
+    a_text = [e.text_a for e in examples]
+    types = b = None
+    if spec.pair and head_kind == "cross":
+        enc = tokenizer(a_text, [e.text_b for e in examples], truncation="longest_first", max_length=L,
+                        return_token_type_ids=True)
+        a, types = enc["input_ids"], enc["token_type_ids"]
+    else:
+        a = tokenizer(a_text, truncation=True, max_length=L)["input_ids"]
+        if spec.pair:
+            b = tokenizer([e.text_b for e in examples], truncation=True, max_length=L)["input_ids"]
+    labels = torch.tensor([e.label for e in examples], dtype=torch.float32) if labeled else None
+    return TokenizedSplit(spec.name, [e.id for e in examples], a, b, types, labels, report.summary())

@@ -1,0 +1,65 @@
+"""Dev metrics and prediction files in the CS224N format (header, then ``id , prediction``).
+
+Evaluation is sharded across processes (equal-sized shards, padded by repeating the first
+example, so ZeRO-3's collective forwards stay in step) and gathered on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def predict(model, split, batch_size: int, device, autocast=None, world: int = 1, rank: int = 0) -> list:
+    """Predictions for every example of ``split`` (a TokenizedSplit), in order, on every rank."""
+    was_training = model.training
+    model.eval()
+    n = len(split)
+    per_rank = -(-n // world)
+    mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
+    mine += [0] * (per_rank - len(mine))  # padding, dropped below
+    head = model.heads[split.task]
+    preds = []
+    for s in range(0, per_rank, batch_size):
+        batch = split.batch(mine[s:s + batch_size], device)
+        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+            out = model(split.task, batch)
+        preds.extend(head.predict(out).tolist())
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, preds)
+        preds = [p for part in gathered for p in part]
+    model.train(was_training)
+    return preds[:n]
+
+
+def evaluate(model, splits: dict, specs: dict, batch_size: int, device, autocast=None, world=1, rank=0):
+    """-> ({task: {metric: value}}, overall, {task: preds}) over the given dev splits."""
+    metrics, all_preds = {}, {}
+    for task, split in splits.items():
+        preds = predict(model, split, batch_size, device, autocast, world, rank)
+        metrics[task] = specs[task].metric(preds, split.labels.tolist())
+        all_preds[task] = preds
+    overall = sum(m["score"] for m in metrics.values()) / max(len(metrics), 1)
+    return metrics, overall, all_preds
+
+
+def format_prediction(value, regression: bool) -> str:
+    return f"{value:.4f}" if regression else str(int(value))
+
+
+def write_predictions(path: Path, header: str, ids: list, preds: list, regression: bool) -> None:
+    """Write atomically: a crash mid-write leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(f"id \t {header} \n")
+        for i, p in zip(ids, preds):
+            f.write(f"{i} , {format_prediction(p, regression)} \n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,160 @@
+"""Per-task gradients of the shared parameters in one flat [K, P] buffer, and the reducers
+that make them global across processes.
+
+Shared parameters' ``.grad`` are *views* into row k of the buffer while task k runs its
+backward, so autograd accumulates straight into the buffer: no copies, no per-parameter
+Python work in the hot path beyond re-pointing ``.grad``. Task-specific parameters (heads,
+per-task layers) get their own flat buffer per task and only their task's gradient.
+After the aggregator has chosen weights w, the update ``w @ G`` is written into a third flat
+buffer that the shared parameters' ``.grad`` then view, and the optimizer steps as usual.
+
+Reducers (design: every method = weights from the Gram matrix; the reducer is swappable):
+- ``LocalReducer``: one process.
+- ``AllReduceReducer``: all-reduce (average) of the [K, P] rows in flat buckets, then the
+  Gram matrix and the update on every rank. Moves 2 K P (N-1)/N floats per rank.
+- ``ShardedReducer``: reduce-scatter so each rank holds the averaged [K, P/N] columns, a
+  float64 partial Gram matrix all-reduced (K x K), weights identical on every rank, the
+  update formed on the shard and all-gathered. Moves (K + 1) P (N-1)/N floats per rank.
+Byte counts are per rank per step under the ring model (what NCCL/gloo ring algorithms send).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from mtbert.optim.pcgrad import gram_matrix
+
+BUCKET = 1 << 24  # elements per collective call (64 MiB of fp32)
+
+
+def _views(flat: torch.Tensor, params: list) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for p in params:
+        out.append(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return out
+
+
+class GradientBuffers:
+    """Flat per-task gradient storage for one model and a fixed task list."""
+
+    def __init__(self, model: torch.nn.Module, tasks: list[str], world: int = 1):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        own = {t: set(model.task_parameter_names(t)) for t in tasks}
+        all_own = set().union(*own.values())
+        self.tasks = list(tasks)
+        self.shared = [p for n, p in named if n not in all_own]
+        self.private = {t: [p for n, p in named if n in own[t]] for t in tasks}
+        ref = named[0][1]
+        self.P = sum(p.numel() for p in self.shared)
+        P_pad = -(-self.P // world) * world  # divisible by the world size for reduce-scatter
+        self.G = torch.zeros(len(tasks), P_pad, dtype=ref.dtype, device=ref.device)  # [K, P_pad]
+        self.update = torch.zeros(P_pad, dtype=ref.dtype, device=ref.device)  # [P_pad]
+        self.row_views = [_views(self.G[k], self.shared) for k in range(len(tasks))]
+        self.update_views = _views(self.update, self.shared)
+        self.priv_flat = {t: torch.zeros(sum(p.numel() for p in ps), dtype=ref.dtype, device=ref.device)
+                          for t, ps in self.private.items()}
+        self.priv_views = {t: _views(self.priv_flat[t], ps) for t, ps in self.private.items()}
+
+    def start(self, present: list[str]) -> None:
+        """Zero the rows and private buffers of the tasks in this step; others' grads are None."""
+        for t in self.tasks:
+            if t in present:
+                self.G[self.tasks.index(t)].zero_()
+                self.priv_flat[t].zero_()
+                for p, v in zip(self.private[t], self.priv_views[t]):
+                    p.grad = v
+            else:
+                for p in self.private[t]:
+                    p.grad = None  # an absent task's head must not move (AdamW would decay it)
+
+    def point_to(self, task: str) -> None:
+        """Make backward accumulate the shared gradients into ``task``'s row."""
+        for p, v in zip(self.shared, self.row_views[self.tasks.index(task)]):
+            p.grad = v
+
+    def rows(self, present: list[str]) -> torch.Tensor:
+        idx = [self.tasks.index(t) for t in present]
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            return self.G[idx[0]:idx[0] + len(idx)]  # a view: no copy
+        return self.G[idx]
+
+    def set_update(self, w: torch.Tensor, rows: torch.Tensor) -> None:
+        """shared .grad <- w @ rows. rows: [k, P_pad], or [k, P_pad/N] columns of this rank under
+        the sharded reducer (its ``finish`` then all-gathers the rest of ``self.update``)."""
+        torch.mv(rows.T, w.to(rows.dtype), out=self.update[:rows.shape[1]])
+        for p, v in zip(self.shared, self.update_views):
+            p.grad = v
+
+
+class LocalReducer:
+    world = 1
+
+    def reduce(self, rows: torch.Tensor, private: list[torch.Tensor]):
+        """-> (gram [k, k] float64, rows to combine, bytes moved)."""
+        return gram_matrix(rows), rows, 0
+
+    def finish(self, update: torch.Tensor) -> int:
+        return 0
+
+
+def _all_reduce_mean(t: torch.Tensor, world: int) -> None:
+    flat = t.view(-1)
+    for s in range(0, flat.numel(), BUCKET):
+        dist.all_reduce(flat[s:s + BUCKET])
+    t.div_(world)
+
+
+class AllReduceReducer:
+    """Average every task's full gradient on every rank (buckets), then Gram + update locally."""
+
+    def __init__(self, world: int):
+        self.world = world
+
+    def reduce(self, rows, private):
+        _all_reduce_mean(rows, self.world)  # rows is [k, P_pad] (a view of G or a copy)
+        moved = 2 * rows.numel() * rows.element_size() * (self.world - 1) // self.world
+        for flat in private:
+            _all_reduce_mean(flat, self.world)
+            moved += 2 * flat.numel() * flat.element_size() * (self.world - 1) // self.world
+        return gram_matrix(rows), rows, moved
+
+    def finish(self, update):
+        return 0
+
+
+class ShardedReducer:
+    """Reduce-scatter per-task gradients; only the K x K Gram matrix is all-reduced."""
+
+    def __init__(self, world: int, rank: int):
+        self.world, self.rank = world, rank
+
+    def reduce(self, rows, private):
+        k, P_pad = rows.shape
+        n = P_pad // self.world
+        shard = torch.empty(k, n, dtype=rows.dtype, device=rows.device)  # [k, P/N]: this rank's columns
+        for i in range(k):  # each task row: averaged, and scattered by column blocks
+            dist.reduce_scatter_tensor(shard[i], rows[i])
+        shard.div_(self.world)
+        gram = gram_matrix(shard)
+        dist.all_reduce(gram)  # sum of partial Gram matrices over column blocks = full Gram
+        moved = rows.numel() * rows.element_size() * (self.world - 1) // self.world + 2 * gram.numel() * 8
+        for flat in private:
+            _all_reduce_mean(flat, self.world)
+            moved += 2 * flat.numel() * flat.element_size() * (self.world - 1) // self.world
+        self._shard = shard
+        return gram, shard, moved
+
+    def finish(self, update: torch.Tensor) -> int:
+        """The update was formed on this rank's columns (first P/N of ``update``): gather all."""
+        n = update.numel() // self.world
+        local = update[:n].clone()
+        dist.all_gather_into_tensor(update, local)
+        return update.numel() * update.element_size() * (self.world - 1) // self.world
+
+
+def make_reducer(kind: str, world: int, rank: int):
+    if world == 1:
+        return LocalReducer()
+    return ShardedReducer(world, rank) if kind == "sharded" else AllReduceReducer(world)

@@ -1,0 +1,65 @@
+"""Where run output goes: console, ``metrics.jsonl`` and (optionally) W&B trackers.
+
+The main-process check lives here and nowhere else: every other module calls ``Reporter``
+methods on every rank, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    return v
+
+
+class Reporter:
+    def __init__(self, accelerator, run_dir: Path, cfg_dict: dict, use_wandb: bool, log_cfg=None):
+        self.acc, self.run_dir, self.main = accelerator, run_dir, accelerator.is_main_process
+        self.t0 = time.time()
+        self.wandb = use_wandb
+        if self.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = run_dir / "config.json.tmp"
+            tmp.write_text(json.dumps(cfg_dict, indent=2))
+            os.replace(tmp, run_dir / "config.json")
+        if use_wandb:  # Accelerate creates the W&B run on rank 0 only
+            init = {"wandb": {"name": log_cfg.name or run_dir.name, "group": log_cfg.group or None,
+                              "tags": list(log_cfg.tags) + [cfg_dict["method"]["name"]],
+                              "dir": str(run_dir)}}
+            accelerator.init_trackers(log_cfg.project, config=cfg_dict, init_kwargs=init)
+
+    def print(self, *args) -> None:
+        if self.main:
+            print(*args, flush=True)
+
+    def log(self, record: dict) -> None:
+        """One JSON line, appended whole and flushed (a crash never leaves half a line)."""
+        record = {k: _plain(v) for k, v in record.items()}
+        record.setdefault("time", round(time.time() - self.t0, 3))
+        if self.main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        if self.wandb:
+            flat = {f"{record.get('split', 'train')}/{k}": v for k, v in record.items()
+                    if isinstance(v, (int, float)) and k not in ("step",)}
+            self.acc.log(flat, step=record.get("step"))
+
+    def write_json(self, name: str, data) -> None:
+        if self.main:
+            tmp = self.run_dir / (name + ".tmp")
+            tmp.write_text(json.dumps(data, indent=2))
+            os.replace(tmp, self.run_dir / name)
+
+    def close(self) -> None:
+        if self.wandb:
+            self.acc.end_training()
