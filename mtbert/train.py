@@ -100,10 +100,10 @@ class StopFlag:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        acc, autocast, scaler = make_accelerator(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    acc, autocast, scaler = make_accelerator(cfg)
     world, rank, device = acc.num_processes, acc.process_index, acc.device
     run_dir = Path(cfg.train.out_dir)
     out = Reporter(acc, run_dir, to_dict(cfg), cfg.log.wandb, cfg.log)

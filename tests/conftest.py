@@ -1,0 +1,67 @@
+"""Shared fixtures: the real data folder, a tiny random HF BERT checkpoint, run helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MTBERT_DATA_DIR", ROOT.parent / "shared" / "data" / "cs224n"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA / "ids-sst-train.csv").exists():
+        pytest.skip(f"real CS224N files not found at {DATA} (set MTBERT_DATA_DIR)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    from mtbert.model.bert import resolve_checkpoint
+    return resolve_checkpoint("minilm-l6")
+
+
+def make_tiny_checkpoint(folder: Path, layers=2, hidden=32, heads=4, seed=0) -> Path:
+    """A random tiny HF BertModel saved in HF format, with the MiniLM tokenizer files."""
+    from transformers import BertConfig, BertModel
+    from mtbert.model.bert import resolve_checkpoint
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=4 * hidden, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(folder)
+    src = resolve_checkpoint("minilm-l6")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def tiny_args(tiny_ckpt: Path, out_dir: Path, *extra: str) -> list[str]:
+    """Overrides for a fast tiny run on the packaged sample data."""
+    return [f"--model.checkpoint={tiny_ckpt}", f"--train.out_dir={out_dir}", "--data.batch_size=8",
+            "--train.epoch_steps=4", "--train.progress=false", "--train.log_every=2", "--train.lr=1e-3",
+            "--data.max_eval=24", *extra]
+
+
+def run_main(args: list[str]) -> int:
+    """Run the trainer in this process (Accelerate's state is a singleton: reset it first)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    from mtbert.train import main
+    return main(args)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    import json
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

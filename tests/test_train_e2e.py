@@ -1,0 +1,114 @@
+"""Full tiny runs through the real trainer: every output file, every method, resume, config errors."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import read_metrics, run_main, tiny_args
+
+PRED_FILES = {"sst-dev-output.csv": "Predicted_Sentiment", "sst-test-output.csv": "Predicted_Sentiment",
+              "para-dev-output.csv": "Predicted_Is_Paraphrase", "sts-dev-output.csv": "Predicted_Similiary",
+              "sts-test-output.csv": "Predicted_Similiary", "cfimdb-dev-output.csv": "Predicted_Sentiment",
+              "cfimdb-test-output.csv": "Predicted_Sentiment"}
+
+
+def test_full_tiny_run_writes_every_output(tiny_ckpt, tmp_path):
+    out = tmp_path / "run"
+    assert run_main(tiny_args(tiny_ckpt, out, "--data.tasks=sst,quora,sts,cfimdb", "--train.epochs=2")) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"]["tasks"] == ["sst", "quora", "sts", "cfimdb"] and cfg["train"]["epochs"] == 2
+    records = read_metrics(out)
+    train = [r for r in records if r["split"] == "train"]
+    dev = [r for r in records if r["split"] == "dev"]
+    assert train and all({"step", "epoch", "examples_per_s", "loss/sst", "loss/sts"} <= set(r) for r in train)
+    assert [r["step"] for r in dev] == [0, 4, 8]
+    assert all({"overall", "sst/acc", "quora/acc", "sts/pearson", "cfimdb/acc"} <= set(r) for r in dev)
+    for name, header in PRED_FILES.items():
+        lines = (out / "predictions" / name).read_text().splitlines()
+        assert lines[0] == f"id \t {header} "
+        split = "dev" if "-dev-" in name else "test"
+        task_file = {"sst": "ids-sst", "para": "quora", "sts": "sts", "cfimdb": "ids-cfimdb"}[name.split("-")[0]]
+        assert len(lines) > 1
+        for line in lines[1:]:
+            ident, pred = line.split(" , ")
+            assert re.fullmatch(r"[0-9a-f]{25}", ident)
+            value = float(pred)
+            if name.startswith("sts"):
+                assert re.fullmatch(r"-?\d+\.\d{4} ", pred)
+            else:
+                assert value == int(value)
+        assert split in name and task_file
+    assert (out / "best" / "model.safetensors").exists()
+    assert any(p.name.startswith("step_") for p in (out / "checkpoints").iterdir())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 8
+
+
+METHODS = {
+    "sum": [], "mean": ["--method.name=mean"], "pcgrad": ["--preset=pcgrad"], "gse": ["--preset=gse"],
+    "rr_pcgrad": ["--preset=rr_pcgrad"], "arrp": ["--preset=arrp", "--method.arrp_batches=2"],
+    "a_pcgrad": ["--preset=a_pcgrad", "--train.epochs=2"], "v_pcgrad": ["--preset=v_pcgrad"],
+    "pairwise": ["--preset=pairwise", "--train.epoch_steps=6"],
+    "pairwise_pcgrad": ["--preset=pairwise", "--method.name=pcgrad", "--train.epoch_steps=6"],
+    "smart": ["--preset=smart"], "smart_pcgrad": ["--preset=smart", "--method.name=pcgrad"],
+    "sequential": ["--preset=sequential"], "mops": ["--model.sharing=F1-S0-I1"],
+    "frozen": ["--preset=frozen"], "proportional": ["--train.schedule=proportional"],
+    "temperature": ["--train.schedule=temperature"], "grad_accum": ["--train.grad_accum=2", "--method.name=pcgrad"],
+    "heads": ["--heads.quora.kind=cos2d", "--heads.sts.kind=bi", "--heads.sst.layers=2", "--heads.sst.pooling=cls",
+              "--heads.quora.pooling=max"],
+    "cross": ["--heads.quora.kind=cross", "--heads.sts.kind=cross"],
+    "cosine_embedding": ["--heads.sts.loss=cosine_embedding"],
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_runs_end_to_end(tiny_ckpt, tmp_path, method):
+    out = tmp_path / method
+    assert run_main(tiny_args(tiny_ckpt, out, *METHODS[method])) == 0
+    records = read_metrics(out)
+    train = [r for r in records if r["split"] == "train"]
+    assert train and all(r["skipped"] == 0 for r in train)
+    losses = [v for r in train for k, v in r.items() if k.startswith("loss/")]
+    assert losses and all(v == v and abs(v) < 1e6 for v in losses)  # finite
+    if method in ("pcgrad", "gse", "rr_pcgrad", "v_pcgrad", "smart_pcgrad"):
+        assert any("conflict/conflict_frac" in r for r in train)
+    if method == "sequential":
+        phases = [r["phase"] for r in records if r["split"] == "dev"]
+        assert phases == ["start", "sst epoch 1", "quora epoch 1", "sts epoch 1"]
+    assert (out / "predictions" / "sst-dev-output.csv").exists()
+
+
+def test_frozen_and_sharing_freeze_what_they_say(tiny_ckpt):
+    from mtbert.config import HeadCfg
+    from mtbert.data.tasks import TASKS
+    from mtbert.model.bert import from_pretrained
+    from mtbert.model.heads import MultitaskModel
+    specs = {k: TASKS[k] for k in ("sst", "sts")}
+    enc, _ = from_pretrained(str(tiny_ckpt))
+    m = MultitaskModel(enc, specs, {k: HeadCfg() for k in specs}, "F1-S0-I1")
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(("encoder.emb", "encoder.layers.0")) for n in trainable)
+    assert {"task_layers.sst.0.qkv.weight", "task_layers.sts.0.qkv.weight"} <= trainable
+    assert len(m.encoder.layers) == 1
+    torch.testing.assert_close(m.task_layers["sst"][0].qkv.weight, m.task_layers["sts"][0].qkv.weight)
+    with pytest.raises(ValueError, match="has 3 layers, the checkpoint has 2"):
+        MultitaskModel(from_pretrained(str(tiny_ckpt))[0], specs, {k: HeadCfg() for k in specs}, "F1-S1-I1")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--train.lrr=1"], "unknown config key 'train.lrr' \\(did you mean train.lr\\?\\)"),
+    (["--train.lr=fast"], "train.lr: expected float"),
+    (["--method.name=pcgrad", "--data.tasks=sst"], "method.name: needs at least two tasks"),
+    (["--train.schedule=zigzag"], "train.schedule: 'zigzag' is not one of"),
+    (["--data.tasks=sst,nope"], "data.tasks: unknown task 'nope'"),
+    (["--model.sharing=F9"], "model.sharing: 'F9' is not of the form"),
+    (["--train.precision=fp16"], "train.precision: fp16 needs a GPU"),
+    (["--heads.cfimdb.kind=bi"], "heads.cfimdb: 'cfimdb' is not in data.tasks"),
+])
+def test_bad_config_rejected_before_any_work(tmp_path, capsys, args, message):
+    out = tmp_path / "never"
+    assert run_main([f"--train.out_dir={out}", *args]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (out / "metrics.jsonl").exists()
