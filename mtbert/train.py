@@ -117,13 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     specs = build_specs(cfg)
     model = MultitaskModel(encoder, specs, {t: cfg.heads.get(t, HeadCfg()) for t in specs},
                            cfg.model.sharing, frozen=cfg.model.encoder == "frozen")
+    if cfg.model.init_weights:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(cfg.model.init_weights))
     out.print(f"model: {cfg.model.checkpoint} ({folder}), {count_params(model) / 1e6:.1f}M params "
               f"({count_params(model, trainable_only=True) / 1e6:.1f}M trainable), sharing {model.sharing}, "
               f"{world} process(es) on {device}")
 
     # ---- data: every split read, checked and tokenized once ------------------------------
+    # Tasks outside train.train_tasks (per-task fine-tunes) are neither trained nor evaluated.
     train, dev, test = {}, {}, {}
     for t, spec in specs.items():
+        if cfg.train.train_tasks and t not in cfg.train.train_tasks:
+            continue
         kind = model.heads[t].kind
         train[t] = load_split(spec, "train", cfg, tokenizer, kind, out.print)
         dev[t] = load_split(spec, "dev", cfg, tokenizer, kind, out.print)

@@ -40,7 +40,7 @@ def epoch_steps(setting: str, batches: dict[str, int]) -> int:
 def build_phases(cfg, batches: dict[str, int]) -> list[Phase]:
     """batches: task -> global batches per epoch of its training set."""
     t, m = cfg.train, cfg.method
-    tasks = tuple(cfg.data.tasks)
+    tasks = tuple(t.train_tasks or cfg.data.tasks)
     phases = []
     if t.schedule == "sequential":
         for task in tasks:
