@@ -56,18 +56,18 @@ def load_checkpoint(accelerator, path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def save_best(accelerator, model, run_dir: Path, info: dict) -> None:
-    """Weights of the best model so far (safetensors), written atomically by the main process."""
+def save_weights(accelerator, model, folder: Path, info: dict) -> None:
+    """Model weights (safetensors) + info.json into ``folder``, atomically, by the main process."""
     state = accelerator.get_state_dict(model)  # gathers ZeRO-3 partitions; collective
     if accelerator.is_main_process:
         from safetensors.torch import save_file
-        best, tmp = run_dir / "best", run_dir / ".tmp_best"
+        tmp = folder.with_name(".tmp_" + folder.name)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp / "model.safetensors"))
         (tmp / "info.json").write_text(json.dumps(info))
-        shutil.rmtree(best, ignore_errors=True)
-        os.replace(tmp, best)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
     _barrier(accelerator.num_processes)
 
 

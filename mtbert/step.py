@@ -61,6 +61,7 @@ class Stepper:
         self.autocast = autocast or accelerator.autocast
         self.scaler = scaler
         self.per_task = cfg.method.name not in ("sum", "mean")
+        self.deepspeed = accelerator.distributed_type == "DEEPSPEED"
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         # The per-task path unscales and clips itself, so it steps the bare torch optimizer
         # (Accelerate's wrapper would unscale a second time under fp16).
@@ -105,6 +106,22 @@ class Stepper:
         self.raw_opt.zero_grad(set_to_none=True)
         return ok
 
+    def _deepspeed_apply(self, present, phase, stats) -> bool:
+        """Hand the combined gradient to the DeepSpeed engine: backward of sum(p * g) has
+        gradient g for every parameter p, so ZeRO partitions, averages (identical on every
+        rank), clips and steps it like any gradient."""
+        buf = self.buffers
+        pairs = list(zip(buf.shared, buf.update_views))
+        pairs += [(p, g) for t in present for p, g in zip(buf.private[t], buf.priv_views[t])]
+        if phase.head_only:
+            head = {id(p) for p in self.net.heads[phase.tasks[0]].parameters()}
+            pairs = [(p, g) for p, g in pairs if id(p) in head]
+        surrogate = torch.stack([(p * g).sum() for p, g in pairs]).sum()
+        self.acc.backward(surrogate)  # engine.backward + engine.step
+        norm = self.acc.clip_grad_norm_(self.params, self.cfg.train.grad_clip or math.inf)
+        stats["grad_norm"] = norm if norm is not None else torch.tensor(float("nan"))
+        return True
+
     def _summed_step(self, micro_batches, phase):
         n = len(micro_batches)
         losses = {}
@@ -115,7 +132,7 @@ class Stepper:
                 total = sum(parts.values())
                 if self.cfg.method.name == "mean":
                     total = total / len(parts)
-                self.acc.backward(total / n)
+                self.acc.backward(total if self.deepspeed else total / n)  # DeepSpeed divides by its own GAS
             for t, v in parts.items():
                 losses[t] = losses.get(t, 0) + v.detach() / n
         stats = {f"loss/{t}": v for t, v in losses.items()}
@@ -131,9 +148,13 @@ class Stepper:
         losses = {}
         for batches in micro_batches:
             for t, b in batches.items():
-                buf.point_to(t)  # shared .grad now view row t of the flat buffer
                 loss = self._task_loss(self.net, t, b, phase.loss_scale) / n
-                (loss * scale).backward()
+                if self.deepspeed:  # DeepSpeed's gradient hooks would take .grad: ask autograd directly
+                    params = buf.shared + buf.private[t]
+                    buf.accumulate(t, torch.autograd.grad(loss * scale, params, allow_unused=True))
+                else:
+                    buf.point_to(t)  # shared .grad now view row t of the flat buffer
+                    (loss * scale).backward()
                 losses[t] = losses.get(t, 0) + loss.detach()
         rows = buf.rows(present)
         private = [buf.priv_flat[t] for t in present]
@@ -159,6 +180,9 @@ class Stepper:
         for w in updates:  # GSE makes two updates from the same gradients
             buf.set_update(w, local_rows)
             moved += self.reducer.finish(buf.update)
+            if self.deepspeed:
+                stats["skipped"] = not self._deepspeed_apply(present, phase, stats)
+                break
             if w is not updates[-1]:
                 keep = [(p, p.grad) for ps in buf.private.values() for p in ps]
                 self._finish(phase, stats)

@@ -27,39 +27,13 @@ from mtbert.evaluate import evaluate, predict, write_predictions
 from mtbert.methods.phases import build_phases
 from mtbert.model.bert import count_params, from_pretrained
 from mtbert.model.heads import MultitaskModel
+from mtbert.replicas import ranks_agree
 from mtbert.reporting import Reporter
-from mtbert.step import LossScaler, Stepper
+from mtbert.accelerator import configure_deepspeed, make_accelerator, zero_stage
+from mtbert.step import Stepper
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint; requeue me
 EXIT_NUMERICS = 3  # too many non-finite steps in a row
-
-
-def make_accelerator(cfg):
-    """Accelerator for this launch. Precision comes from train.precision or the launch config."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    cuda = torch.cuda.is_available()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    precision = cfg.train.precision if cfg.train.precision != "auto" else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if precision == "fp16" and not cuda:
-        raise ConfigError("train.precision: fp16 needs a GPU (Accelerate silently runs fp32 on CPU); use bf16 or no")
-    per_task = cfg.method.name not in ("sum", "mean")
-    if deepspeed and per_task:
-        raise ConfigError(f"method.name={cfg.method.name}: under DeepSpeed use method.reducer=sharded "
-                          f"with a plain DDP launch (accelerate_configs/cpu_2proc.yaml, ddp.yaml): "
-                          f"DeepSpeed's engine owns the backward pass")
-    # Per-task fp16 is scaled by step.LossScaler, so Accelerate must not add its own GradScaler.
-    own_fp16 = per_task and precision == "fp16"
-    handlers = [DistributedDataParallelKwargs(
-        find_unused_parameters=cfg.train.schedule != "round_robin" or cfg.method.pairwise or cfg.method.arrp_batches > 0)]
-    if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # else DeepSpeed on CPU asks for NCCL/oneCCL
-    acc = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="no" if own_fp16 else precision,
-                      kwargs_handlers=handlers, log_with="wandb" if cfg.log.wandb else None,
-                      step_scheduler_with_optimizer=False)  # else it steps N times per step on N processes
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if own_fp16 else None
-    return acc, autocast, LossScaler() if own_fp16 else None
 
 
 def param_groups(model, cfg):
@@ -151,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = get_scheduler(sched_name, optimizer, int(cfg.train.warmup * total), total)
     if cfg.train.compile:
         model.encoder = torch.compile(model.encoder)
+    configure_deepspeed(acc, cfg)  # no-op without DeepSpeed
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     stepper = Stepper(acc, model, optimizer, scheduler, cfg, list(specs), autocast, scaler)
     net = stepper.net
@@ -181,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                   " ".join(f"{t} {v:.4f}" for t, m in metrics.items() for k, v in m.items() if k != "score"))
         if overall > best:
             best = overall
-            ckpt.save_best(acc, model, run_dir, {"step": step, "overall": overall, "metrics": metrics})
+            ckpt.save_weights(acc, model, run_dir / "best", {"step": step, "overall": overall, "metrics": metrics})
 
     # ---- training loop -------------------------------------------------------------------
     stop = StopFlag()
@@ -250,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         out.close()
         return code
 
-    # ---- final: best model's dev and test predictions ------------------------------------
-    info = ckpt.load_best(net, run_dir)
+    # ---- final: last weights, replica check, best model's dev and test predictions ------
+    ckpt.save_weights(acc, model, run_dir / "final", {"step": step})
+    agree = ranks_agree(net, world) if zero_stage(acc) != 3 else None  # ZeRO-3: each rank holds a shard
+    if agree is False:
+        out.print("error: the processes ended with different parameters; the launch is not data-parallel")
+    info = ckpt.load_best(net, run_dir) if zero_stage(acc) != 3 else None
     for split_name, splits in (("dev", dev), ("test", test)):
         for t, split in splits.items():
             if split is None:
@@ -261,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_predictions(run_dir / "predictions" / f"{specs[t].pred_name}-{split_name}-output.csv",
                                   specs[t].pred_header, split.ids, preds, net.heads[t].regression)
     out.write_json("summary.json", {"steps": step, "best": info, "wall_s": round(time.time() - out.t0, 1),
-                                    "processes": world})
+                                    "processes": world, "params_agree_across_ranks": agree})
     out.print(f"done: best dev overall {best:.4f} at step {info['step'] if info else '?'}; outputs in {run_dir}")
     out.close()
     return 0

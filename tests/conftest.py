@@ -65,3 +65,34 @@ def run_main(args: list[str]) -> int:
 def read_metrics(run_dir: Path) -> list[dict]:
     import json
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+NO_DROPOUT = ["--model.dropout=0", "--heads.sst.dropout=0", "--heads.quora.dropout=0", "--heads.sts.dropout=0"]
+
+
+def launch(config: str, args: list[str], timeout: int = 600, env_extra: dict | None = None):
+    """Run the trainer the way users do: accelerate launch --config_file accelerate_configs/<config>."""
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           str(ROOT / "accelerate_configs" / config), "--main_process_port", str(free_port()),
+           str(ROOT / "mtbert" / "train.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp(min=1e-12)).item() for k in a)

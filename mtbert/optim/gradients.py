@@ -74,6 +74,15 @@ class GradientBuffers:
         for p, v in zip(self.shared, self.row_views[self.tasks.index(task)]):
             p.grad = v
 
+    def accumulate(self, task: str, grads) -> None:
+        """Add autograd.grad results for (shared + task's private) parameters into the buffers
+        (used where hooks forbid accumulating into .grad, i.e. under DeepSpeed)."""
+        k = self.tasks.index(task)
+        views = self.row_views[k] + self.priv_views[task]
+        pairs = [(v, g) for v, g in zip(views, grads) if g is not None]
+        if pairs:
+            torch._foreach_add_([v for v, _ in pairs], [g for _, g in pairs])
+
     def rows(self, present: list[str]) -> torch.Tensor:
         idx = [self.tasks.index(t) for t in present]
         if idx == list(range(idx[0], idx[0] + len(idx))):

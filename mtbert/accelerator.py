@@ -1,0 +1,72 @@
+"""The Accelerator for a launch, and the DeepSpeed settings the training config owns.
+
+Launch facts this encodes (shared/notes/engine-facts.md): on CPU, multi-process needs gloo and
+``Accelerator(cpu=True)`` (else two rank-0-of-1 processes), but ``cpu=True`` silently drops
+DeepSpeed; Accelerate ignores fp16 on CPU; DeepSpeed clips gradients at 1.0 unless told
+otherwise, and cannot fill ``train_micro_batch_size_per_gpu`` without a prepared DataLoader.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mtbert.config import ConfigError
+from mtbert.step import LossScaler
+
+
+def using_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def zero_stage(acc) -> int:
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else -1
+
+
+def make_accelerator(cfg):
+    """-> (accelerator, autocast factory or None, LossScaler or None)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    deepspeed = using_deepspeed()
+    precision = cfg.train.precision if cfg.train.precision != "auto" else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "fp16" and not cuda:
+        raise ConfigError("train.precision: fp16 needs a GPU (Accelerate silently runs fp32 on CPU); use bf16 or no")
+    per_task = cfg.method.name not in ("sum", "mean")
+    if deepspeed and cfg.method.name == "gse":
+        raise ConfigError("method.name=gse: its two updates per step would step DeepSpeed's scheduler twice; "
+                          "run GSE with a DDP launch (accelerate_configs/ddp.yaml or cpu_2proc.yaml)")
+    if deepspeed and per_task and precision == "fp16":
+        raise ConfigError("train.precision=fp16 with per-task methods under DeepSpeed is not supported; use bf16")
+    # Per-task fp16 is scaled by step.LossScaler, so Accelerate must not add its own GradScaler.
+    own_fp16 = per_task and precision == "fp16"
+    unused = cfg.train.schedule != "round_robin" or cfg.method.pairwise or cfg.method.arrp_batches > 0
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=bool(unused))]
+    if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))  # else DeepSpeed on CPU asks for NCCL/oneCCL
+    acc = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="no" if own_fp16 else precision,
+                      kwargs_handlers=handlers, log_with="wandb" if cfg.log.wandb else None,
+                      gradient_accumulation_steps=cfg.train.grad_accum if deepspeed else 1,
+                      step_scheduler_with_optimizer=False)  # else it steps N times per step on N processes
+    if per_task and zero_stage(acc) == 3:
+        raise ConfigError(f"method.name={cfg.method.name}: ZeRO-3 partitions the parameters themselves, so "
+                          f"per-task gradients cannot be taken; use ZeRO-1/2 (accelerate_configs/zero2.yaml) "
+                          f"or method.reducer=sharded under DDP")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if own_fp16 else None
+    return acc, autocast, LossScaler() if own_fp16 else None
+
+
+def configure_deepspeed(acc, cfg) -> None:
+    """Make the training config the single source of truth for DeepSpeed's batch and clipping."""
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum * acc.num_processes
+    ds["gradient_clipping"] = float(cfg.train.grad_clip)  # 0.0 = off; DeepSpeed's own default is 1.0
+    ds.setdefault("zero_allow_untested_optimizer", True)  # our torch AdamW
