@@ -22,13 +22,18 @@ def predict(model, split, batch_size: int, device, autocast=None, world: int = 1
     per_rank = -(-n // world)
     mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
     mine += [0] * (per_rank - len(mine))  # padding, dropped below
+    # Batches of similar length (sorted), predictions put back in order: far less padding.
+    lengths = split.lengths()
+    order = sorted(range(per_rank), key=lambda j: lengths[mine[j]])
     head = model.heads[split.task]
-    preds = []
+    preds = [None] * per_rank
     for s in range(0, per_rank, batch_size):
-        batch = split.batch(mine[s:s + batch_size], device)
+        chunk = order[s:s + batch_size]
+        batch = split.batch([mine[j] for j in chunk], device)
         with autocast() if autocast else torch.autocast("cpu", enabled=False):
             out = model(split.task, batch)
-        preds.extend(head.predict(out).tolist())
+        for j, p in zip(chunk, head.predict(out).tolist()):
+            preds[j] = p
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, preds)
@@ -56,10 +61,13 @@ def write_predictions(path: Path, header: str, ids: list, preds: list, regressio
     """Write atomically: a crash mid-write leaves the previous file intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(f"id \t {header} \n")
-        for i, p in zip(ids, preds):
-            f.write(f"{i} , {format_prediction(p, regression)} \n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"id \t {header} \n")
+            for i, p in zip(ids, preds):
+                f.write(f"{i} , {format_prediction(p, regression)} \n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -54,6 +54,16 @@ class Reporter:
                     if isinstance(v, (int, float)) and k not in ("step",)}
             self.acc.log(flat, step=record.get("step"))
 
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records of steps after the checkpoint (they are about to be redone)."""
+        path = self.run_dir / "metrics.jsonl"
+        if self.main and path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, path)
+
     def write_json(self, name: str, data) -> None:
         if self.main:
             tmp = self.run_dir / (name + ".tmp")

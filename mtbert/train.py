@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.load_state_dict(state["sampler"])
         if scaler and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        out.truncate_after(step)
         out.print(f"resumed from {found[-1]} at step {step}")
 
     def save(step):

@@ -1,0 +1,102 @@
+"""Expand a sweep spec (YAML or TOML) into a sweep file of override lines, then submit it to
+Slurm as a job array or run the trials here one by one.
+
+    python launch/sweep.py launch/sweeps/example.yaml                  # just write runs/<name>/sweep.txt
+    python launch/sweep.py SPEC --local [--accel-config accelerate_configs/cpu_2proc.yaml]
+    python launch/sweep.py SPEC --submit -- --partition=gpu --gres=gpu:1 --time=02:00:00
+
+Spec keys: name, base (list of overrides for every trial), grid (key -> list of values; all
+combinations), random (n, params: key -> list of choices | {uniform: [a, b]} | {log_uniform: [a, b]}),
+seed. Trial i writes to runs/<name>/trial_<i> and is grouped as <name> in W&B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import random
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+
+def load_spec(path: Path) -> dict:
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+        return tomllib.loads(text)
+    import yaml
+    return yaml.safe_load(text)
+
+
+def _draw(rng: random.Random, choice):
+    if isinstance(choice, list):
+        return rng.choice(choice)
+    if "uniform" in choice:
+        a, b = choice["uniform"]
+        return rng.uniform(a, b)
+    if "log_uniform" in choice:
+        a, b = choice["log_uniform"]
+        return math.exp(rng.uniform(math.log(a), math.log(b)))
+    raise ValueError(f"unknown random choice {choice!r}: a list, {{uniform: [a, b]}} or {{log_uniform: [a, b]}}")
+
+
+def expand(spec: dict, root: Path = Path("runs")) -> list[str]:
+    """-> one line of overrides per trial."""
+    name = spec.get("name") or "sweep"
+    grid = spec.get("grid") or {}
+    trials = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else []
+    rnd = spec.get("random") or {}
+    rng = random.Random(spec.get("seed", 0))
+    for _ in range(int(rnd.get("n", 0))):
+        trials.append({k: _draw(rng, c) for k, c in (rnd.get("params") or {}).items()})
+    if not trials:
+        trials = [{}]
+    lines = []
+    for i, trial in enumerate(trials):
+        words = [f"--train.out_dir={root / name / f'trial_{i}'}", f"--log.group={name}",
+                 f"--log.name={name}-{i}", *spec.get("base", [])]
+        words += [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in trial.items()]
+        lines.append(" ".join(shlex.quote(w) for w in words))
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("spec", type=Path)
+    ap.add_argument("--root", type=Path, default=Path("runs"), help="where trial run directories go")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--local", action="store_true", help="run the trials here, one after another")
+    mode.add_argument("--submit", action="store_true", help="sbatch slurm/sweep.sbatch as a job array")
+    ap.add_argument("--accel-config", default="", help="accelerate config for --local / the array tasks")
+    ap.add_argument("sbatch_args", nargs="*", help="after --: extra sbatch options (partition, gres, time)")
+    args = ap.parse_args(argv)
+    spec = load_spec(args.spec)
+    lines = expand(spec, args.root)
+    out = args.root / (spec.get("name") or "sweep")
+    out.mkdir(parents=True, exist_ok=True)
+    sweep_file = out / "sweep.txt"
+    sweep_file.write_text("\n".join(lines) + "\n")
+    print(f"{len(lines)} trials -> {sweep_file}")
+    if args.submit:
+        env_cfg = f"ACCEL_CONFIG={args.accel_config}," if args.accel_config else ""
+        cmd = ["sbatch", "--parsable", f"--array=0-{len(lines) - 1}",
+               f"--export=ALL,{env_cfg}SWEEP_FILE={sweep_file.resolve()}", *args.sbatch_args, "slurm/sweep.sbatch"]
+        job = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+        print(f"submitted array job {job}")
+    elif args.local:
+        failed = 0
+        for i, line in enumerate(lines):
+            launcher = ["accelerate", "launch"] + (["--config_file", args.accel_config] if args.accel_config else
+                                                   ["--num_processes", "1"])
+            print(f"[trial {i}] {line}", flush=True)
+            failed += subprocess.run([*launcher, "mtbert/train.py", *shlex.split(line)]).returncode != 0
+        print(f"{len(lines) - failed}/{len(lines)} trials finished; compare: python -m mtbert.compare {out}/trial_*")
+        return 1 if failed else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Compare runs: a ranked table and plots from run directories (or a W&B group).
+
+    python -m mtbert.compare runs/sweep/trial_* [--out runs/sweep/compare] [--analysis]
+    python -m mtbert.compare --wandb-group ENTITY/PROJECT/GROUP --out compare/
+
+Reads each run's config.json, metrics.jsonl and summary.json (nothing depends on W&B).
+Writes ``table.md`` (ranked by best dev overall), ``dev_curves.png`` (one panel per task,
+a line per run) and ``final_scores.png`` (best dev score per task and run); with
+``--analysis`` also each run's analysis report (mtbert/analysis.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METRIC_KEYS = ("acc", "pearson")
+
+
+@dataclass
+class RunSummary:
+    name: str
+    method: str
+    dev: list[dict] = field(default_factory=list)  # dev records from metrics.jsonl
+    steps: int = 0
+    wall_s: float = 0.0
+    examples_per_s: float = 0.0
+
+    def task_metrics(self) -> dict[str, str]:
+        """task -> its metric key (acc or pearson), from the records."""
+        out = {}
+        for r in self.dev:
+            for k in r:
+                task, _, metric = k.partition("/")
+                if metric in METRIC_KEYS:
+                    out[task] = metric
+        return out
+
+    def best(self) -> dict:
+        """The dev record with the best overall score (what the trainer keeps as best/)."""
+        return max(self.dev, key=lambda r: r["overall"]) if self.dev else {}
+
+    def curve(self, task: str, metric: str) -> tuple[list[int], list[float]]:
+        pts = [(r["step"], r[f"{task}/{metric}"]) for r in self.dev if f"{task}/{metric}" in r]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def method_label(cfg: dict) -> str:
+    m, t = cfg.get("method", {}), cfg.get("train", {})
+    parts = [m.get("name", "sum")]
+    if t.get("schedule", "round_robin") != "round_robin":
+        parts.append(t["schedule"])
+    for flag, text in (("smart", "smart"), ("pairwise", "pairwise")):
+        if m.get(flag):
+            parts.append(text)
+    if m.get("arrp_batches"):
+        parts.append("arrp")
+    if cfg.get("model", {}).get("sharing"):
+        parts.append(cfg["model"]["sharing"])
+    return "+".join(parts)
+
+
+def load_run(path: Path) -> RunSummary:
+    if not (path / "metrics.jsonl").exists():
+        raise FileNotFoundError(f"{path}: no metrics.jsonl (is it a run directory?)")
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    run = RunSummary(path.name, method_label(cfg), [r for r in records if r.get("split") == "dev"])
+    train = [r for r in records if r.get("split") == "train"]
+    if train:
+        run.steps = max(r["step"] for r in train)
+        run.examples_per_s = sum(r.get("examples_per_s", 0) for r in train) / len(train)
+    summary = path / "summary.json"
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        run.wall_s, run.steps = s.get("wall_s", 0.0), s.get("steps", run.steps)
+    elif records:
+        run.wall_s = max(r.get("time", 0) for r in records)
+    return run
+
+
+def load_wandb_group(spec: str) -> list[RunSummary]:
+    """ENTITY/PROJECT/GROUP -> runs, from W&B's API (needs network and a login)."""
+    import wandb
+    entity, project, group = spec.split("/")
+    runs = []
+    for r in wandb.Api().runs(f"{entity}/{project}", filters={"group": group}):
+        dev = [{k.removeprefix("dev/"): v for k, v in row.items() if k.startswith("dev/")} | {"step": row["_step"]}
+               for row in r.scan_history() if "dev/overall" in row]
+        runs.append(RunSummary(r.name, method_label(r.config), dev, int(r.summary.get("_step", 0)),
+                               float(r.summary.get("_runtime", 0.0))))
+    return runs
+
+
+def table(runs: list[RunSummary]) -> str:
+    tasks = sorted({t: m for r in runs for t, m in r.task_metrics().items()}.items())
+    head = ["rank", "run", "method"] + [f"{t} {m}" for t, m in tasks] + ["overall", "steps", "wall min", "ex/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ranked = sorted(runs, key=lambda r: r.best().get("overall", -1), reverse=True)
+    for i, r in enumerate(ranked, 1):
+        b = r.best()
+        cells = [str(i), r.name, r.method] + [f"{b[f'{t}/{m}']:.3f}" if f"{t}/{m}" in b else "-" for t, m in tasks]
+        cells += [f"{b.get('overall', float('nan')):.4f}", str(r.steps), f"{r.wall_s / 60:.1f}", f"{r.examples_per_s:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[RunSummary], out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = sorted({t: m for r in runs for t, m in r.task_metrics().items()}.items())
+    if not tasks:
+        return []
+    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 3.6), squeeze=False)
+    for ax, (task, metric) in zip(axes[0], tasks + [("overall", "")]):
+        for r in runs:
+            xs, ys = ([d["step"] for d in r.dev], [d["overall"] for d in r.dev]) if task == "overall" else r.curve(task, metric)
+            ax.plot(xs, ys, marker="o", ms=3, label=r.name)
+        ax.set_title(f"{task} {metric}".strip())
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    curves = out / "dev_curves.png"
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(runs) * (len(tasks) + 1) / 2), 3.8))
+    width = 0.8 / max(len(runs), 1)
+    labels = [t for t, _ in tasks] + ["overall"]
+    for i, r in enumerate(runs):
+        b = r.best()
+        vals = [b.get(f"{t}/{m}", 0.0) for t, m in tasks] + [b.get("overall", 0.0)]
+        ax.bar([j + i * width for j in range(len(labels))], vals, width, label=r.name)
+    ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(labels))], labels)
+    ax.set_ylabel("best dev score")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    bars = out / "final_scores.png"
+    fig.savefig(bars, dpi=110)
+    plt.close(fig)
+    return [curves, bars]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="*", type=Path, help="run directories")
+    ap.add_argument("--wandb-group", default="", help="ENTITY/PROJECT/GROUP instead of run directories")
+    ap.add_argument("--out", type=Path, default=None, help="where table.md and the plots go (default: next to the runs)")
+    ap.add_argument("--analysis", action="store_true", help="also write each run's analysis report")
+    args = ap.parse_args(argv)
+    if not args.runs and not args.wandb_group:
+        ap.error("give run directories or --wandb-group")
+    try:
+        runs = load_wandb_group(args.wandb_group) if args.wandb_group else [load_run(p) for p in args.runs]
+    except FileNotFoundError as e:
+        print(f"compare: {e}", file=sys.stderr)
+        return 2
+    out = args.out or (args.runs[0].parent / "compare" if args.runs else Path("compare"))
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(runs)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+    for p in plot(runs, out):
+        print(f"wrote {p}")
+    if args.analysis:
+        from mtbert.analysis import write_report
+        for path in args.runs:
+            print(f"wrote {write_report(path)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
