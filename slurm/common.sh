@@ -5,11 +5,13 @@ EXIT_PREEMPTED=75   # mtbert.train.EXIT_PREEMPTED
 accelerate_bin() { command -v accelerate || echo "$PWD/.venv/bin/accelerate"; }
 job_port() { echo $(( 20000 + ${SLURM_JOB_ID:-0} % 20000 )); }
 
-# signal_ranks SIG: signal this node's training ranks (processes running mtbert/train.py that
-# are not the `accelerate launch` launcher: it has no USR1 handler and would just die).
+# signal_ranks SIG: signal this node's training ranks of THIS job: processes running
+# mtbert/train.py with our SLURM_JOB_ID in their environment, except the `accelerate launch`
+# launcher (it has no USR1 handler and would just die). Safe on nodes shared with other jobs.
 signal_ranks() {
   local sig=$1 p
   for p in $(pgrep -f "mtbert/train.py"); do
+    tr '\0' '\n' < "/proc/$p/environ" 2>/dev/null | grep -qx "SLURM_JOB_ID=${SLURM_JOB_ID:-none}" || continue
     tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -q "accelerate launch" && continue
     kill "-$sig" "$p" 2>/dev/null || true
   done

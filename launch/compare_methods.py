@@ -1,0 +1,109 @@
+"""Rerun the seed reports' method comparison on the real CS224N files with the packaged
+checkpoint, under one fixed budget of training examples per method, then write a markdown
+table (per-task dev scores, overall, wall time) and plots.
+
+    python launch/compare_methods.py --data-dir ../shared/data/cs224n --steps 60 --out runs/methods
+
+Budget: every method sees the same number of training examples, ``steps x 3 x batch`` (the
+round-robin joint run's count): one-task-per-step schedules get 3x the steps, pairs 1.5x,
+ARRP's extra largest-task batches come out of its round-robin steps. Wall time differs by
+method (SMART costs ~3 forwards per task batch) and is reported. The ensemble fine-tunes the
+PCGrad run per task with an extra third of the budget per task, and is marked so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def methods(steps: int) -> dict[str, list[str]]:
+    s = steps
+    return {
+        "sequential": ["--train.schedule=sequential", f"--train.epoch_steps={s}"],
+        "sum (joint RR)": [f"--train.epoch_steps={s}"],
+        "PCGrad (RR-PCGrad)": ["--method.name=pcgrad", f"--train.epoch_steps={s}"],
+        "V-PCGrad": ["--method.name=pcgrad", "--train.schedule=union", f"--data.batch_size=96",
+                     f"--train.epoch_steps={s}"],
+        "A-PCGrad": ["--method.name=pcgrad", "--train.schedule=annealed", "--train.epochs=3",
+                     f"--train.epoch_steps={s}"],
+        "GSE": ["--method.name=gse", f"--train.epoch_steps={s}"],
+        "ARRP": ["--method.name=pcgrad", "--train.epochs=2", f"--train.epoch_steps={s // 2 - s // 8}",
+                 f"--method.arrp_batches={3 * s // 8}", "--method.arrp_weight=0.5"],
+        "pairwise": ["--method.pairwise=true", f"--train.epoch_steps={3 * s // 2}"],
+        "SMART": ["--method.smart=true", f"--train.epoch_steps={s}"],
+        "sharing F2-S2-I2": ["--model.sharing=F2-S2-I2", f"--train.epoch_steps={s}"],
+    }
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+
+
+def run(args: list[str], log: Path) -> float:
+    t0 = time.time()
+    with open(log, "w") as f:
+        code = subprocess.run([sys.executable, str(ROOT / "mtbert" / "train.py"), *args], cwd=ROOT, stdout=f,
+                              stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"run failed ({code}); see {log}")
+    return time.time() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cs224n"))
+    ap.add_argument("--steps", type=int, default=60, help="round-robin steps of the joint run (the budget)")
+    ap.add_argument("--max-eval", type=int, default=600, help="dev examples per task for the table")
+    ap.add_argument("--out", type=Path, default=Path("runs/methods"))
+    ap.add_argument("--only", default="", help="comma-separated subset of method names")
+    args = ap.parse_args(argv)
+    common = [f"--data.dir={args.data_dir}", "--train.lr=1e-4", "--data.batch_size=32", "--train.progress=false",
+              f"--data.max_eval={args.max_eval}", "--heads.quora.kind=cross", "--train.resume=false"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, dirs = [], {}
+    for name, extra in methods(args.steps).items():
+        if args.only and name not in args.only.split(","):
+            continue
+        d = args.out / slug(name)
+        wall = run([*common, *extra, f"--train.out_dir={d}"], args.out / f"{slug(name)}.log")
+        dirs[name] = d
+        best = json.loads((d / "summary.json").read_text())["best"]
+        rows.append((name, best["metrics"], best["overall"], wall))
+        print(f"{name}: overall {best['overall']:.4f} in {wall / 60:.1f} min", flush=True)
+    if "PCGrad (RR-PCGrad)" in dirs:
+        base = dirs["PCGrad (RR-PCGrad)"]
+        t0 = time.time()
+        res = subprocess.run([sys.executable, "-m", "mtbert.methods.ensemble", str(base),
+                              f"--train.epoch_steps={max(1, args.steps // 3)}", "--train.progress=false"],
+                             cwd=ROOT, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"ensemble failed:\n{res.stderr[-3000:]}")
+        ens = json.loads((base / "ensemble" / "summary.json").read_text())
+        rows.append(("ensemble (PCGrad + per-task fine-tune, +1/3 budget per task)", ens["metrics"], ens["overall"],
+                     time.time() - t0))
+    tasks = ["sst", "quora", "sts"]
+    lines = ["| method | SST acc | Quora acc | STS r | overall | wall min |", "|---|---|---|---|---|---|"]
+    for name, m, overall, wall in sorted(rows, key=lambda r: -r[2]):
+        cells = [f"{m[t].get('acc', m[t].get('pearson')):.3f}" if t in m else "-" for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {overall:.4f} | {wall / 60:.1f} |")
+    table = "\n".join(lines)
+    (args.out / "results.md").write_text(
+        f"Budget: {args.steps} round-robin steps x 3 tasks x 32 examples per method; dev sets capped at "
+        f"{args.max_eval} examples per task; all-MiniLM-L6-v2 on 2 CPU cores. Quora numbers are on the carved "
+        f"16k/4.2k split, not comparable with published CS224N Quora dev numbers.\n\n{table}\n")
+    print(table)
+    subprocess.run([sys.executable, "-m", "mtbert.compare", *map(str, dirs.values()), "--out", str(args.out / "compare")],
+                   cwd=ROOT, check=True, capture_output=True)
+    print(f"wrote {args.out / 'results.md'} and plots in {args.out / 'compare'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

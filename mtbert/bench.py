@@ -1,0 +1,339 @@
+"""Benchmarks: prints a table and writes JSON. Every comparison is a ratio measured side by
+side in this process run: configurations alternate, after warm-up, median of repeats.
+
+    python -m mtbert.bench                    # ~ a few minutes on 2 CPU cores, MiniLM-L6 size
+    python -m mtbert.bench --quick            # tiny model, seconds (what the tests run)
+    python -m mtbert.bench --parts model,methods,padding,dist --out bench.json
+
+Parts: ``model`` (minBERT vs transformers.BertModel train step, fp32 and bf16 autocast; tokens/s
+and MFU), ``methods`` (each method's step vs the summed-loss step on the same batches),
+``padding`` (padded-token waste and examples/s, length-bucketed vs random batches), ``dist``
+(2 gloo ranks: distributed PCGrad vs DDP summed step, bytes per step; launched as a subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak of common accelerators, TFLOP/s (for MFU); CPU peak is estimated below.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "T4": 65.0, "V100": 125.0}
+
+
+def device_peak_tflops(device: torch.device, dtype) -> tuple[float, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in PEAK_TFLOPS.items():
+            if key in name:
+                return (peak if dtype != torch.float32 else peak / 2), name
+        return float("nan"), name
+    # CPU: cores x GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units); a rough upper bound.
+    ghz = 2.5
+    try:
+        mhz = [float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz")]
+        ghz = max(mhz) / 1000 if mhz else ghz
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0))
+    return cores * ghz * 32 / 1000, f"{platform.processor() or 'cpu'} x{cores} @ {ghz:.2f} GHz"
+
+
+def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each fn, calls interleaved A B A B ... after warm-up."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _checkpoint(quick: bool, tmp: Path) -> str:
+    if not quick:
+        return "minilm-l6"
+    folder = tmp / "tiny_bert"
+    if not (folder / "config.json").exists():
+        from transformers import BertConfig, BertModel
+        import shutil
+        from mtbert.model.bert import resolve_checkpoint
+        torch.manual_seed(0)
+        BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                             max_position_embeddings=128)).save_pretrained(folder)
+        for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(resolve_checkpoint("minilm-l6") / name, folder / name)
+    return str(folder)
+
+
+def bench_model(ckpt: str, device, quick: bool) -> list[dict]:
+    """minBERT vs HF BertModel (same weights): forward + backward + AdamW step."""
+    from transformers import BertModel
+    from mtbert.model.bert import bert_flops_per_token, from_pretrained, resolve_checkpoint
+    folder = resolve_checkpoint(ckpt)
+    rows = []
+    for dtype, (B, T, reps) in ((torch.float32, (32, 64, 5)), (torch.bfloat16, (8, 32, 3))):
+        if quick:
+            B, T, reps = 8, 32, 3
+        ours, _ = from_pretrained(str(folder), dropout=0.0)
+        hf = BertModel.from_pretrained(str(folder), add_pooling_layer=False, hidden_dropout_prob=0.0,
+                                       attention_probs_dropout_prob=0.0)
+        ours.pooler = None
+        ours.to(device).train()
+        hf.to(device).train()
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1000, 30000, (B, T), generator=g).to(device)
+        mask = torch.ones(B, T, dtype=torch.long, device=device)
+        mask[B // 2:, T * 3 // 4:] = 0  # some padding, as in real batches
+        opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5, foreach=True)
+        opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-5, foreach=True)
+        ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else (lambda: torch.autocast(device.type, enabled=False))
+
+        def step_ours():
+            with ctx():
+                loss = ours(ids, mask).float().pow(2).mean()
+            loss.backward()
+            opt_ours.step()
+            opt_ours.zero_grad(set_to_none=True)
+
+        def step_hf():
+            with ctx():
+                loss = hf(input_ids=ids, attention_mask=mask).last_hidden_state.float().pow(2).mean()
+            loss.backward()
+            opt_hf.step()
+            opt_hf.zero_grad(set_to_none=True)
+        t = alternate({"minbert": step_ours, "hf": step_hf}, reps)
+        tokens = B * T
+        flops = bert_flops_per_token(ours.config, T) * tokens
+        peak, dev_name = device_peak_tflops(device, dtype)
+        rows.append({"part": "model", "dtype": str(dtype).split(".")[1], "batch": f"{B}x{T}",
+                     "minbert_s": t["minbert"], "hf_s": t["hf"], "speedup_vs_hf": t["hf"] / t["minbert"],
+                     "tokens_per_s": tokens / t["minbert"],
+                     "mfu": flops / t["minbert"] / (peak * 1e12), "device": dev_name, "peak_tflops": peak,
+                     "peak_rss_mb": peak_rss_mb()})
+    return rows
+
+
+def _task_batches(cfg, model, tokenizer, specs, n_batches: int):
+    from mtbert.data.batching import load_split
+    from mtbert.data.sampler import ShardedTaskSampler
+    splits = {t: load_split(specs[t], "train", cfg, tokenizer, model.heads[t].kind, lambda *a: None) for t in specs}
+    sampler = ShardedTaskSampler({t: s.lengths() for t, s in splits.items()}, 0, 1, 0, cfg.data.batch_size, True)
+    return [{t: splits[t].batch(i) for t, i in sampler.next({t: cfg.data.batch_size for t in specs}).items()}
+            for _ in range(n_batches)]
+
+
+def bench_methods(ckpt: str, data_dir: str, quick: bool) -> list[dict]:
+    """Each method's full step (per-task grads + aggregation + AdamW) vs the summed-loss step."""
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer
+    from mtbert.config import HeadCfg, parse_args
+    from mtbert.data.tasks import build_specs
+    from mtbert.methods.phases import Phase
+    from mtbert.model.bert import from_pretrained
+    from mtbert.model.heads import MultitaskModel
+    from mtbert.step import Stepper
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    variants = {"sum": [], "pcgrad": ["--method.name=pcgrad"], "pcgrad_no_stats": ["--method.name=pcgrad",
+                "--method.conflict_stats=false"], "gse": ["--method.name=gse"], "smart": ["--method.smart=true"],
+                "rr_pcgrad_smart": ["--method.name=pcgrad", "--method.smart=true"]}
+    base = [f"--model.checkpoint={ckpt}", "--data.batch_size=" + ("8" if quick else "32"), "--model.dropout=0"]
+    if data_dir:
+        base.append(f"--data.dir={data_dir}")
+    steppers, batches = {}, None
+    for name, extra in variants.items():
+        cfg = parse_args(base + extra)
+        torch.manual_seed(0)
+        enc, folder = from_pretrained(cfg.model.checkpoint, 0.0)
+        specs = build_specs(cfg)
+        model = MultitaskModel(enc, specs, {t: HeadCfg(dropout=0.0) for t in specs}).to(acc.device)
+        if batches is None:
+            batches = _task_batches(cfg, model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
+            batches = [{t: {k: v.to(acc.device) for k, v in b.items()} for t, b in bb.items()} for bb in batches]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        steppers[name] = Stepper(acc, model, opt, sched, cfg, list(specs))
+    phase = Phase(tuple(batches[0]), 1, 1, "bench")
+    counter = {"i": 0}
+
+    def make(name):
+        def run():
+            i = counter["i"] = counter["i"] + 1
+            steppers[name].step(i, [batches[i % len(batches)]], phase)
+        return run
+    t = alternate({n: make(n) for n in variants}, 3 if quick else 5)
+    return [{"part": "methods", "method": n, "step_s": s, "vs_sum": s / t["sum"]} for n, s in t.items()]
+
+
+def bench_padding(ckpt: str, data_dir: str, quick: bool) -> list[dict]:
+    """Padded-token fraction over one epoch of each task, and training examples/s on SST-like
+    batches, length-bucketed vs random batches."""
+    from transformers import AutoTokenizer
+    from mtbert.config import HeadCfg, parse_args
+    from mtbert.data.batching import load_split
+    from mtbert.data.sampler import TaskStream
+    from mtbert.data.tasks import build_specs
+    from mtbert.model.bert import resolve_checkpoint
+    from mtbert.model.heads import MultitaskModel
+    from mtbert.model.bert import from_pretrained
+    cfg = parse_args([f"--model.checkpoint={ckpt}"] + ([f"--data.dir={data_dir}"] if data_dir else []))
+    tok = AutoTokenizer.from_pretrained(str(resolve_checkpoint(ckpt)))
+    specs = build_specs(cfg)
+    rows, splits = [], {}
+    for t, spec in specs.items():
+        splits[t] = split = load_split(spec, "train", cfg, tok, spec.default_head, lambda *a: None)
+        lengths = split.lengths()
+        for bucket in (True, False):
+            s = TaskStream(0, lengths, 0, 1, 0, 32, bucket)
+            real = padded = 0
+            for _ in range(s.batches_per_epoch()):
+                b = [lengths[i] for i in s.take(32)]
+                real, padded = real + sum(b), padded + max(b) * len(b)
+            rows.append({"part": "padding", "task": t, "bucket": bucket, "padded_frac": 1 - real / padded})
+    # examples/s of a training step on the first task, bucketed vs random batches
+    task = next(iter(specs))
+    enc, _ = from_pretrained(ckpt, 0.0)
+    model = MultitaskModel(enc, {task: specs[task]}, {task: HeadCfg(dropout=0.0)})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    streams = {b: TaskStream(0, splits[task].lengths(), 1, 1, 0, 8 if quick else 32, b) for b in (True, False)}
+    batch_size = streams[True].batch
+
+    def make(bucket):
+        def run():
+            batch = splits[task].batch(streams[bucket].take(batch_size))
+            model.heads[task].loss(model(task, batch), batch["labels"]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+    t = alternate({"bucketed": make(True), "random": make(False)}, 4 if quick else 12)
+    rows.append({"part": "padding", "task": f"{task} train ex/s", "bucket": "bucketed vs random",
+                 "padded_frac": float("nan"), "ex_per_s_bucketed": batch_size / t["bucketed"],
+                 "ex_per_s_random": batch_size / t["random"], "speedup": t["random"] / t["bucketed"]})
+    return rows
+
+
+def bench_dist(quick: bool, out: Path) -> list[dict]:
+    """Launch 2 gloo ranks (accelerate, cpu_2proc.yaml) running ``--dist-worker``."""
+    root = Path(__file__).resolve().parents[1]
+    accel = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accel) if accel.exists() else "accelerate", "launch", "--config_file",
+           str(root / "accelerate_configs" / "cpu_2proc.yaml"), "-m", "mtbert.bench", "--dist-worker",
+           "--out", str(out)] + (["--quick"] if quick else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if res.returncode != 0:
+        raise RuntimeError(f"dist bench failed:\n{res.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def dist_worker(quick: bool, out: Path, data_dir: str) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+    from transformers import AutoTokenizer
+    from mtbert.config import HeadCfg, parse_args
+    from mtbert.data.tasks import build_specs
+    from mtbert.methods.phases import Phase
+    from mtbert.model.bert import from_pretrained
+    from mtbert.model.heads import MultitaskModel
+    from mtbert.step import Stepper
+    acc = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    assert acc.num_processes == 2, "the distributed benchmark needs 2 ranks"
+    ckpt = _checkpoint(quick, Path(os.environ.get("TMPDIR", "/tmp")) / "mtbert-bench")
+    variants = {"ddp_sum": ["--method.name=sum"], "pcgrad_allreduce": ["--method.name=pcgrad"],
+                "pcgrad_sharded": ["--method.name=pcgrad", "--method.reducer=sharded"]}
+    steppers, batches = {}, None
+    for name, extra in variants.items():
+        cfg = parse_args([f"--model.checkpoint={ckpt}", "--data.batch_size=" + ("4" if quick else "16"),
+                          "--method.conflict_stats=false", *extra] + ([f"--data.dir={data_dir}"] if data_dir else []))
+        torch.manual_seed(0)
+        enc, folder = from_pretrained(cfg.model.checkpoint, 0.0)
+        specs = build_specs(cfg)
+        model = MultitaskModel(enc, specs, {t: HeadCfg(dropout=0.0) for t in specs})
+        if batches is None:
+            batches = _task_batches(cfg, model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        model, opt = acc.prepare(model, opt)
+        steppers[name] = Stepper(acc, model, opt, sched, cfg, list(specs))
+    phase = Phase(tuple(batches[0]), 1, 1, "bench")
+    moved = {}
+    counter = {"i": 0}
+
+    def make(name):
+        def run():
+            i = counter["i"] = counter["i"] + 1
+            stats = steppers[name].step(i, [batches[(i + acc.process_index) % len(batches)]], phase)
+            moved[name] = stats.get("comm_bytes")
+        return run
+    t = alternate({n: make(n) for n in variants}, 3 if quick else 5)
+    P = sum(p.numel() for p in steppers["ddp_sum"].params)
+    moved["ddp_sum"] = 2 * P * 4 * (acc.num_processes - 1) // acc.num_processes  # DDP: one all-reduce of [P]
+    rows = [{"part": "dist", "config": n, "step_s": s, "vs_ddp_sum": s / t["ddp_sum"],
+             "bytes_per_step_per_rank": moved[n]} for n, s in t.items()]
+    if acc.is_main_process:
+        out.write_text(json.dumps(rows))
+    acc.wait_for_everyone()
+
+
+def print_table(rows: list[dict]) -> None:
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    for part in dict.fromkeys(r["part"] for r in rows):
+        print(f"\n[{part}]")
+        for r in rows:
+            if r["part"] == part:
+                print("  " + "  ".join(f"{k}={fmt(v)}" for k, v in r.items() if k != "part"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny model: seconds, for tests")
+    ap.add_argument("--parts", default="model,methods,padding,dist")
+    ap.add_argument("--data-dir", default=os.environ.get("MTBERT_DATA_DIR", ""), help="CS224N files (default: sample)")
+    ap.add_argument("--out", type=Path, default=Path("bench.json"))
+    ap.add_argument("--dist-worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.dist_worker:
+        dist_worker(args.quick, args.out, args.data_dir)
+        return 0
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = _checkpoint(args.quick, Path(os.environ.get("TMPDIR", "/tmp")) / "mtbert-bench")
+    parts = args.parts.split(",")
+    rows: list[dict] = []
+    if "model" in parts:
+        rows += bench_model(ckpt, device, args.quick)
+    if "methods" in parts:
+        rows += bench_methods(ckpt, args.data_dir, args.quick)
+    if "padding" in parts:
+        rows += bench_padding(ckpt, args.data_dir, args.quick)
+    if "dist" in parts:
+        rows += bench_dist(args.quick, args.out.with_suffix(".dist.json"))
+    meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "device": str(device),
+            "threads": torch.get_num_threads(), "machine": platform.machine(), "quick": args.quick}
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(json.dumps(meta))
+    print_table(rows)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

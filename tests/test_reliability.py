@@ -1,0 +1,247 @@
+"""Faults lose nothing: kill -9 and resume, graceful stop, NaN/inf and fp16 overflow steps,
+half-written outputs, determinism, and randomly corrupted data files."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import DATA, ROOT, launch, load_weights, read_metrics, run_main, tiny_args
+
+LONG = ["--train.epoch_steps=40", "--train.checkpoint_every=5", "--train.keep_last=3", "--data.max_eval=8",
+        "--train.eval_every=0"]
+VOLATILE = ("time", "examples_per_s", "tokens_per_s")
+
+
+def _start(args, launcher=None):
+    cmd = launcher or [sys.executable, str(ROOT / "mtbert" / "train.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([*cmd, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _wait_for(path, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before {path} appeared:\n{proc.stdout.read()[-3000:]}")
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"timed out waiting for {path}")
+        time.sleep(0.02)
+
+
+def _stable(records):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_ckpt, tmp_path_factory):
+    run = tmp_path_factory.mktemp("full") / "run"
+    assert run_main(tiny_args(tiny_ckpt, run, *LONG)) == 0
+    return run
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tiny_ckpt, tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    args = tiny_args(tiny_ckpt, run, *LONG)
+    proc = _start(args)
+    _wait_for(run / "checkpoints" / "step_10", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert run_main(args) == 0
+    ref, got = load_weights(uninterrupted / "final"), load_weights(run / "final")
+    assert all(torch.equal(ref[k], got[k]) for k in ref), "resumed weights differ from the uninterrupted run"
+    assert _stable(read_metrics(run)) == _stable(read_metrics(uninterrupted))
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes(tiny_ckpt, tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    args = tiny_args(tiny_ckpt, run, *LONG)
+    proc = _start(args)
+    _wait_for(run / "checkpoints" / "step_5", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-2000:]
+    assert "stop requested: checkpoint at step" in out
+    stopped_at = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
+    assert stopped_at >= 5
+    assert run_main(args) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 40
+    ref, got = load_weights(uninterrupted / "final"), load_weights(run / "final")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.dist
+def test_two_rank_sigkill_then_resume_is_bit_identical(tiny_ckpt, tmp_path):
+    args_for = lambda run: tiny_args(tiny_ckpt, run, *LONG[1:], "--train.epoch_steps=16", "--method.name=pcgrad")
+    full = tmp_path / "full"
+    result = launch("cpu_2proc.yaml", args_for(full))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    from conftest import free_port
+    launcher = [str(ROOT / ".venv" / "bin" / "accelerate") if (ROOT / ".venv" / "bin" / "accelerate").exists()
+                else "accelerate", "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+                "--main_process_port", str(free_port()), str(ROOT / "mtbert" / "train.py")]
+    proc = _start(args_for(run), launcher)
+    _wait_for(run / "checkpoints" / "step_5", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = launch("cpu_2proc.yaml", args_for(run))
+    assert result.returncode == 0 and "resumed from" in result.stdout + result.stderr, result.stderr[-3000:]
+    ref, got = load_weights(full / "final"), load_weights(run / "final")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_nan_loss_steps_are_skipped_and_counted(tiny_ckpt, tmp_path, monkeypatch):
+    from mtbert.model.heads import TaskHead
+    real, calls = TaskHead.loss, {"n": 0}
+
+    def flaky(self, out, y):
+        calls["n"] += 1
+        loss = real(self, out, y)
+        return loss * float("nan") if calls["n"] in (7, 8, 9) else loss  # steps 3 (sst,quora,sts)
+    monkeypatch.setattr(TaskHead, "loss", flaky)
+    run = tmp_path / "run"
+    assert run_main(tiny_args(tiny_ckpt, run, "--method.name=pcgrad")) == 0
+    skipped = sum(r["skipped"] for r in read_metrics(run) if r["split"] == "train")
+    assert skipped == 1
+
+
+def test_persistent_nan_stops_with_message_and_last_good_checkpoint(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    from mtbert.model.heads import TaskHead
+    real, calls = TaskHead.loss, {"n": 0}
+
+    def broken_after_step_4(self, out, y):
+        calls["n"] += 1
+        loss = real(self, out, y)
+        return loss * float("inf") if calls["n"] > 12 else loss
+    monkeypatch.setattr(TaskHead, "loss", broken_after_step_4)
+    run = tmp_path / "run"
+    code = run_main(tiny_args(tiny_ckpt, run, "--train.epoch_steps=12", "--train.checkpoint_every=4",
+                              "--train.max_bad_steps=3"))
+    assert code == 3
+    assert "3 steps in a row had a non-finite loss" in capsys.readouterr().out
+    last = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
+    assert last == 4
+    weights = load_weights(run / "checkpoints" / "step_4")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_fp16_overflow_step_is_skipped_and_scale_halves(tiny_ckpt):
+    """The per-task path with fp16 autocast (explicit, on CPU) and the LossScaler."""
+    from accelerate import Accelerator
+    from mtbert.config import HeadCfg, parse_args
+    from mtbert.data.batching import load_split
+    from mtbert.data.tasks import build_specs
+    from mtbert.methods.phases import Phase
+    from mtbert.model.bert import from_pretrained
+    from mtbert.model.heads import MultitaskModel
+    from mtbert.step import LossScaler, Stepper
+    from transformers import AutoTokenizer
+    cfg = parse_args([f"--model.checkpoint={tiny_ckpt}", "--method.name=pcgrad", "--data.tasks=sst,sts"])
+    enc, folder = from_pretrained(str(tiny_ckpt))
+    specs = build_specs(cfg)
+    model = MultitaskModel(enc, specs, {t: HeadCfg() for t in specs})
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    splits = {t: load_split(specs[t], "train", cfg, tok, model.heads[t].kind, lambda *a: None) for t in specs}
+    acc = Accelerator(cpu=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = LossScaler(scale=2.0 ** 120)  # overflows fp16 (max 65504) on the first backward
+    stepper = Stepper(acc, model, opt, sched, cfg, list(specs),
+                      autocast=lambda: torch.autocast("cpu", dtype=torch.float16), scaler=scaler)
+    batch = [{t: s.batch(list(range(8))) for t, s in splits.items()}]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = stepper.step(0, batch, Phase(tuple(specs), 1, 1, "t"))
+    assert stats["skipped"] is True and scaler.scale == 2.0 ** 119
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    scaler.scale = 2.0 ** 8
+    stats = stepper.step(1, batch, Phase(tuple(specs), 1, 1, "t"))
+    assert stats["skipped"] is False
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bf16_runs_with_pcgrad_and_smart(tiny_ckpt, tmp_path):
+    run = tmp_path / "run"
+    assert run_main(tiny_args(tiny_ckpt, run, "--train.precision=bf16", "--method.name=pcgrad",
+                              "--method.smart=true", "--train.epoch_steps=2")) == 0
+    assert all(r["skipped"] == 0 for r in read_metrics(run) if r["split"] == "train")
+
+
+def test_crash_while_writing_predictions_keeps_the_previous_file(tmp_path):
+    from mtbert.evaluate import write_predictions
+    path = tmp_path / "sst-dev-output.csv"
+    write_predictions(path, "Predicted_Sentiment", ["a", "b"], [1, 2], False)
+    before = path.read_text()
+
+    def exploding():
+        yield 3
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        write_predictions(path, "Predicted_Sentiment", ["a", "b"], exploding(), False)
+    assert path.read_text() == before
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_same_seed_same_metrics(tiny_ckpt, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        assert run_main(tiny_args(tiny_ckpt, run, "--method.name=pcgrad", "--train.schedule=proportional")) == 0
+    assert _stable(read_metrics(a)) == _stable(read_metrics(b))
+
+
+def _corrupt(text: str, rng: random.Random) -> bytes:
+    lines = text.splitlines(keepends=True)
+    for _ in range(rng.randint(1, 4)):
+        i = rng.randrange(1, len(lines))
+        kind = rng.choice(["drop_tab", "extra_tab", "quote", "label", "bytes", "dup", "blank", "truncate"])
+        line = lines[i]
+        if kind == "drop_tab":
+            lines[i] = line.replace("\t", " ", 1)
+        elif kind == "extra_tab":
+            lines[i] = line.replace("\t", "\t\t", 1)
+        elif kind == "quote":
+            lines[i] = line[:5] + '"' + line[5:]
+        elif kind == "label":
+            lines[i] = line.rstrip("\n").rsplit("\t", 1)[0] + "\t" + rng.choice(["9", "-1", "x", "nan", "1e9"]) + "\n"
+        elif kind == "dup":
+            lines.insert(i, line)
+        elif kind == "blank":
+            lines[i] = "\n"
+        elif kind == "truncate":
+            lines[i] = line[: rng.randrange(1, max(2, len(line)))]
+    raw = "".join(lines).encode()
+    if rng.random() < 0.3:
+        j = rng.randrange(len(raw))
+        raw = raw[:j] + b"\xff\xfe" + raw[j:]
+    return raw
+
+
+@pytest.mark.parametrize("name,task", [("ids-sst-dev.csv", "sst"), ("quora-dev.csv", "quora"),
+                                       ("sts-dev.csv", "sts"), ("ids-cfimdb-dev.csv", "cfimdb")])
+def test_fuzzed_real_files_fail_cleanly_or_load(data_dir, tmp_path, name, task):
+    from mtbert.data.cs224n import DataError, read_cs224n
+    from mtbert.data.tasks import TASKS
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    text = (data_dir / name).read_text()[:60000]
+    text = text[: text.rfind("\n") + 1]
+    for trial in range(25):
+        path = tmp_path / f"{trial}-{name}"
+        path.write_bytes(_corrupt(text, rng))
+        for skip in (False, True):
+            try:
+                examples, report = read_cs224n(path, TASKS[task], skip_bad_rows=skip)
+                assert examples and report.rows == len(examples)
+            except DataError as e:
+                assert str(path) in str(e), f"seed {seed}: message must name the file: {e}"
+                if not skip:
+                    assert f"{path}:" in str(e), f"seed {seed}: message must name the line: {e}"
