@@ -43,7 +43,9 @@ def make_accelerator(cfg):
         raise ConfigError("train.precision=fp16 with per-task methods under DeepSpeed is not supported; use bf16")
     # Per-task fp16 is scaled by step.LossScaler, so Accelerate must not add its own GradScaler.
     own_fp16 = per_task and precision == "fp16"
-    unused = cfg.train.schedule != "round_robin" or cfg.method.pairwise or cfg.method.arrp_batches > 0
+    # Under DDP a step that leaves some head or layer unused needs find_unused_parameters.
+    unused = (cfg.train.schedule != "round_robin" or cfg.method.pairwise or cfg.method.arrp_batches > 0
+              or bool(cfg.train.train_tasks))
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=bool(unused))]
     if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))  # else DeepSpeed on CPU asks for NCCL/oneCCL

@@ -1,0 +1,21 @@
+"""Named presets: plain lists of overrides, applied before the user's own (``--preset NAME``)."""
+
+PRESETS: dict[str, list[str]] = {
+    "default": [],
+    # Real CS224N files, packaged MiniLM, ~30 min on 2 CPU cores (README "Results").
+    "recipe": ["--data.dir=../shared/data/cs224n", "--train.out_dir=runs/recipe",
+               "--train.epochs=3", "--train.epoch_steps=260", "--data.batch_size=32", "--train.lr=1e-4",
+               "--heads.sst.layers=2", "--heads.quora.kind=cross", "--heads.sts.kind=cosine"],
+    "frozen": ["--model.encoder=frozen", "--train.lr=1e-3"],
+    "pcgrad": ["--method.name=pcgrad"],
+    "gse": ["--method.name=gse"],
+    "rr_pcgrad": ["--method.name=pcgrad", "--train.schedule=round_robin"],
+    "arrp": ["--method.name=pcgrad", "--train.schedule=round_robin", "--method.arrp_batches=20",
+             "--method.arrp_freeze=all_but_head"],
+    "a_pcgrad": ["--method.name=pcgrad", "--train.schedule=annealed"],
+    "v_pcgrad": ["--method.name=pcgrad", "--train.schedule=union"],
+    "pairwise": ["--method.pairwise=true"],
+    "smart": ["--method.smart=true"],
+    "sequential": ["--train.schedule=sequential"],
+    "mops": ["--model.sharing=F2-S2-I2"],
+}

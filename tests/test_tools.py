@@ -1,0 +1,148 @@
+"""Sweep expansion, comparison table/plots/analysis, W&B offline tracking, the ensemble,
+user-defined tasks (CS224N files and a Hugging Face dataset), the benchmark command."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, read_metrics, run_main, tiny_args
+
+
+def test_sweep_grid_and_random_expansion(tmp_path):
+    sys.path.insert(0, str(ROOT / "launch"))
+    from sweep import expand
+    spec = {"name": "s", "base": ["--preset=pcgrad"], "grid": {"train.lr": [1e-5, 2e-5], "data.tasks": [["sst", "sts"]]},
+            "random": {"n": 3, "params": {"train.warmup": {"uniform": [0.0, 0.2]}, "data.batch_size": [8, 16]}},
+            "seed": 1}
+    lines = expand(spec, tmp_path)
+    assert len(lines) == 5
+    assert "--train.lr=1e-05" in lines[0] and "--data.tasks=sst,sts" in lines[0]
+    assert f"--train.out_dir={tmp_path}/s/trial_4" in lines[4] and "--log.group=s" in lines[4]
+    assert expand(spec, tmp_path) == lines  # seeded
+    from mtbert.config import parse_args
+    import shlex
+    for line in lines:  # every line is a valid config
+        parse_args(shlex.split(line))
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_ckpt, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp")
+    runs = []
+    for method in ("sum", "pcgrad"):
+        run = root / method
+        assert run_main(tiny_args(tiny_ckpt, run, f"--method.name={method}", "--data.tasks=sst,quora,sts,cfimdb")) == 0
+        runs.append(run)
+    return runs
+
+
+def test_compare_table_plots_and_analysis(two_runs, tmp_path):
+    from mtbert.compare import main
+    out = tmp_path / "out"
+    assert main([*map(str, two_runs), "--out", str(out), "--analysis"]) == 0
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0].startswith("| rank | run | method | cfimdb acc | quora acc | sst acc | sts pearson | overall")
+    assert len(table) == 4 and {"sum", "pcgrad"} <= {row.split(" | ")[2] for row in table[2:]}
+    for png in ("dev_curves.png", "final_scores.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    report = (two_runs[0] / "analysis" / "report.md").read_text()
+    assert "Confusion matrix" in report and "Pearson r" in report and "Worst 8 dev examples" in report
+    for task in ("sst", "quora", "sts", "cfimdb"):
+        assert (two_runs[0] / "analysis" / f"{task}.png").exists()
+
+
+def test_compare_names_a_bad_run_dir(tmp_path, capsys):
+    from mtbert.compare import main
+    assert main([str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_wandb_offline_run_is_written_and_grouped(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    assert run_main(tiny_args(tiny_ckpt, run, "--log.wandb=true", "--log.group=g1", "--log.tags=a,b",
+                              "--method.name=pcgrad")) == 0
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    assert list(offline[0].glob("*.wandb")), "no W&B event file"
+
+
+def test_no_wandb_import_when_tracking_is_off(tiny_ckpt, tmp_path):
+    code = ("import sys; sys.argv=['x']; from conftest import run_main, tiny_args; from pathlib import Path;"
+            f"assert run_main(tiny_args(Path({str(tiny_ckpt)!r}), Path({str(tmp_path / 'r')!r}), "
+            "'--train.epoch_steps=1')) == 0; assert 'wandb' not in sys.modules, 'wandb imported'")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_ensemble_fine_tunes_each_task_and_writes_predictions(two_runs):
+    from conftest import run_main as _  # noqa: F401  (resets Accelerate's state in run_ensemble)
+    from mtbert.methods.ensemble import run_ensemble
+    summary = run_ensemble(two_runs[1], ["--train.epoch_steps=2", "--train.progress=false"])
+    ens = two_runs[1] / "ensemble"
+    assert set(summary["metrics"]) == {"sst", "quora", "sts", "cfimdb"}
+    for task in ("sst", "quora", "sts", "cfimdb"):
+        cfg = json.loads((ens / task / "config.json").read_text())
+        assert cfg["train"]["train_tasks"] == [task] and cfg["model"]["init_weights"].endswith("model.safetensors")
+        trained = {k.split("/")[1] for r in read_metrics(ens / task) if r["split"] == "train" for k in r if k.startswith("loss/")}
+        assert trained == {task}
+    names = sorted(p.name for p in (ens / "predictions").iterdir())
+    assert names == sorted(["cfimdb-dev-output.csv", "cfimdb-test-output.csv", "para-dev-output.csv",
+                            "sst-dev-output.csv", "sst-test-output.csv", "sts-dev-output.csv", "sts-test-output.csv"])
+
+
+def test_user_defined_task_from_files(tiny_ckpt, tmp_path):
+    data = tmp_path / "mine"
+    data.mkdir()
+    rows = ["\tid\tq1\tq2\tdup"] + [f"{i}\tid{i}\twhat is {i}?\twhat is {i % 3}?\t{int(i % 3 == i)}" for i in range(40)]
+    (data / "train.tsv").write_text("\n".join(rows) + "\n")
+    (data / "dev.tsv").write_text("\n".join(rows[:17]) + "\n")
+    run = tmp_path / "run"
+    assert run_main(tiny_args(tiny_ckpt, run, "--data.tasks=sst,mine", "--task_defs.mine.kind=pair_classification",
+                              f"--task_defs.mine.train={data / 'train.tsv'}", f"--task_defs.mine.dev={data / 'dev.tsv'}",
+                              "--task_defs.mine.columns=text_a:q1,text_b:q2,label:dup",
+                              "--method.name=pcgrad")) == 0
+    dev = [r for r in read_metrics(run) if r["split"] == "dev"]
+    assert "mine/acc" in dev[-1]
+    assert (run / "predictions" / "mine-dev-output.csv").exists()
+
+
+def test_hub_source_reads_a_dataset_with_column_mapping():
+    from mtbert.config import Config, set_value
+    from mtbert.data.hub import read_hub
+    from mtbert.data.tasks import build_specs
+    import datasets
+    cfg = Config()
+    for k, v in {"data.tasks": "stsb", "task_defs.stsb.kind": "pair_regression", "task_defs.stsb.source": "hub",
+                 "task_defs.stsb.hub_name": "glue", "task_defs.stsb.hub_config": "stsb", "task_defs.stsb.label_max": "5",
+                 "task_defs.stsb.train": "train", "task_defs.stsb.dev": "validation",
+                 "task_defs.stsb.columns": "id:idx,text_a:sentence1,text_b:sentence2,label:label"}.items():
+        set_value(cfg, k, v)
+    spec = build_specs(cfg)["stsb"]
+    fake = datasets.Dataset.from_dict({"idx": [0, 1, 2], "sentence1": ["a", "b", "c"], "sentence2": ["x", "y", "z"],
+                                       "label": [4.2, -1, 1.0]})
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return fake
+    examples, report = read_hub(spec, "validation", load_dataset=load_dataset)
+    assert calls == [("glue", "stsb", "validation")]
+    assert [e.id for e in examples] == ["0", "2"] and examples[0].label == 4.2 and report.skipped_empty_label == 1
+
+
+def test_bench_quick_prints_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, "-m", "mtbert.bench", "--quick", "--parts", "model,methods,padding",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["part"] for r in rows} == {"model", "methods", "padding"}
+    assert all(r["speedup_vs_hf"] > 0 for r in rows if r["part"] == "model")
+    assert {r["method"] for r in rows if r["part"] == "methods"} >= {"sum", "pcgrad", "gse", "smart"}
+    assert "[methods]" in res.stdout and "vs_sum=" in res.stdout
