@@ -123,7 +123,7 @@ class TrainCfg:
     """Run directory: config.json, metrics.jsonl, predictions/, checkpoints/."""
     seed: int = 0
     """Seed for weights of new layers, dropout, shuffling and the PCGrad order."""
-    epochs: int = 1
+    epochs: int = 3
     """Training epochs (stages per task when schedule=sequential)."""
     train_tasks: list[str] = field(default_factory=list)
     """Train only these of data.tasks (all are still evaluated); empty = all."""
@@ -131,8 +131,8 @@ class TrainCfg:
     """Steps per epoch: `smallest` / `largest` / `sum` (of the tasks' batches per epoch) or an integer."""
     max_steps: int = 0
     """Stop after this many optimizer steps in total (0 = no limit)."""
-    lr: float = 2e-5
-    """Peak learning rate of the encoder."""
+    lr: float = 5e-5
+    """Peak learning rate of the encoder (MiniLM-size models like 1e-4; bert-base 2e-5 to 5e-5)."""
     head_lr: float = 0.0
     """Learning rate of heads and per-task layers (0 = same as lr)."""
     weight_decay: float = 0.01

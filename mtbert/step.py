@@ -143,7 +143,7 @@ class Stepper:
     def _per_task_step(self, step, micro_batches, phase):
         present = list(micro_batches[0])
         buf, n = self.buffers, len(micro_batches)
-        buf.start(present)
+        buf.start(present, attach=not self.deepspeed)
         scale = self.scaler.scale if self.scaler else 1.0
         losses = {}
         for batches in micro_batches:
@@ -183,6 +183,7 @@ class Stepper:
             if self.deepspeed:
                 stats["skipped"] = not self._deepspeed_apply(present, phase, stats)
                 break
+            buf.attach_update()
             if w is not updates[-1]:
                 keep = [(p, p.grad) for ps in buf.private.values() for p in ps]
                 self._finish(phase, stats)

@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     net = stepper.net
 
     # ---- resume --------------------------------------------------------------------------
-    step, best, bad_streak = 0, -1.0, 0
+    step, best, bad_streak, evaluated = 0, -1.0, 0, -1  # evaluated: step of the last phase-end eval
     found = ckpt.list_checkpoints(run_dir) if cfg.train.resume else []
     if found:
         state = ckpt.load_checkpoint(acc, found[-1])
-        step, best, bad_streak = state["step"], state["best"], state["bad_streak"]
+        step, best, bad_streak, evaluated = state["step"], state["best"], state["bad_streak"], state["evaluated"]
         sampler.load_state_dict(state["sampler"])
         if scaler and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         out.print(f"resumed from {found[-1]} at step {step}")
 
     def save(step):
-        state = {"step": step, "best": best, "bad_streak": bad_streak, "sampler": sampler.state_dict(),
+        state = {"step": step, "best": best, "bad_streak": bad_streak, "evaluated": evaluated,
+                 "sampler": sampler.state_dict(),
                  "scaler": scaler.state_dict() if scaler else None}
         ckpt.save_checkpoint(acc, run_dir, step, state, cfg.train.keep_last)
 
@@ -169,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     phase_end = 0
     code = 0
     for phase in phases:
-        phase_start, phase_end = phase_end, min(phase_end + phase.steps, total)
-        if step >= phase_end:
-            continue
+        phase_end = min(phase_end + phase.steps, total)
+        if step > phase_end or (step == phase_end and evaluated >= phase_end):
+            continue  # done before a resume (a stop exactly at a phase end still gets its evaluation)
         active = {t: len(train[t]) for t in phase.tasks}
         net.train()
         while step < phase_end:
@@ -207,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < phase_end:
                 run_eval(step, phase.label)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                save(step)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < phase_end:
+                save(step)  # (a phase end saves after its evaluation, below)
             if stop.agreed(world, device):
                 save(step)
                 out.print(f"stop requested: checkpoint at step {step} written; exiting with {EXIT_PREEMPTED}")
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             break
         if phase.eval_after or step == total:
             run_eval(step, phase.label)
+            evaluated = step
+            save(step)
+        elif cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save(step)
         if step >= total:
             break

@@ -47,7 +47,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 def tiny_args(tiny_ckpt: Path, out_dir: Path, *extra: str) -> list[str]:
     """Overrides for a fast tiny run on the packaged sample data."""
-    return [f"--model.checkpoint={tiny_ckpt}", f"--train.out_dir={out_dir}", "--data.batch_size=8",
+    return [f"--model.checkpoint={tiny_ckpt}", f"--train.out_dir={out_dir}", "--data.batch_size=8", "--train.epochs=1",
             "--train.epoch_steps=4", "--train.progress=false", "--train.log_every=2", "--train.lr=1e-3",
             "--data.max_eval=24", *extra]
 

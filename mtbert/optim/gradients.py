@@ -57,14 +57,15 @@ class GradientBuffers:
                           for t, ps in self.private.items()}
         self.priv_views = {t: _views(self.priv_flat[t], ps) for t, ps in self.private.items()}
 
-    def start(self, present: list[str]) -> None:
-        """Zero the rows and private buffers of the tasks in this step; others' grads are None."""
+    def start(self, present: list[str], attach: bool = True) -> None:
+        """Zero the rows and private buffers of the tasks in this step; others' grads are None.
+        attach=False (DeepSpeed): fill the buffers through ``accumulate``, never via ``.grad``."""
         for t in self.tasks:
             if t in present:
                 self.G[self.tasks.index(t)].zero_()
                 self.priv_flat[t].zero_()
                 for p, v in zip(self.private[t], self.priv_views[t]):
-                    p.grad = v
+                    p.grad = v if attach else None
             else:
                 for p in self.private[t]:
                     p.grad = None  # an absent task's head must not move (AdamW would decay it)
@@ -90,9 +91,12 @@ class GradientBuffers:
         return self.G[idx]
 
     def set_update(self, w: torch.Tensor, rows: torch.Tensor) -> None:
-        """shared .grad <- w @ rows. rows: [k, P_pad], or [k, P_pad/N] columns of this rank under
-        the sharded reducer (its ``finish`` then all-gathers the rest of ``self.update``)."""
+        """update <- w @ rows. rows: [k, P_pad], or [k, P_pad/N] columns of this rank under the
+        sharded reducer (its ``finish`` then all-gathers the rest of ``self.update``)."""
         torch.mv(rows.T, w.to(rows.dtype), out=self.update[:rows.shape[1]])
+
+    def attach_update(self) -> None:
+        """shared .grad <- views of the update, for the optimizer."""
         for p, v in zip(self.shared, self.update_views):
             p.grad = v
 
