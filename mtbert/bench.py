@@ -6,7 +6,7 @@ side in this process run: configurations alternate, after warm-up, median of rep
     python -m mtbert.bench --parts model,methods,padding,dist --out bench.json
 
 Parts: ``model`` (minBERT vs transformers.BertModel train step, fp32 and bf16 autocast; tokens/s
-and MFU), ``methods`` (each method's step vs the summed-loss step on the same batches),
+and MFU), ``optimizer`` (AdamW for-loop vs foreach vs fused), ``methods`` (each method's step vs the summed-loss step on the same batches),
 ``padding`` (padded-token waste and examples/s, length-bucketed vs random batches), ``dist``
 (2 gloo ranks: distributed PCGrad vs DDP summed step, bytes per step; launched as a subprocess).
 """
@@ -129,6 +129,27 @@ def bench_model(ckpt: str, device, quick: bool) -> list[dict]:
                      "tokens_per_s": tokens / t["minbert"],
                      "mfu": flops / t["minbert"] / (peak * 1e12), "device": dev_name, "peak_tflops": peak,
                      "peak_rss_mb": peak_rss_mb()})
+    return rows
+
+
+def bench_optimizer(ckpt: str, device) -> list[dict]:
+    """AdamW step on the encoder's parameters: for-loop vs foreach vs fused kernels."""
+    from mtbert.model.bert import from_pretrained
+    rows, times = [], {}
+    model, _ = from_pretrained(ckpt)
+    model.to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opts = {"for_loop": torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False),
+            "foreach": torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)}
+    try:
+        opts["fused"] = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+        opts["fused"].step()
+    except (RuntimeError, ValueError):
+        opts.pop("fused")
+    times = alternate({k: o.step for k, o in opts.items()}, 7)
+    for k, t in times.items():
+        rows.append({"part": "optimizer", "adamw": k, "step_ms": t * 1e3, "vs_for_loop": times["for_loop"] / t})
     return rows
 
 
@@ -305,7 +326,7 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model: seconds, for tests")
-    ap.add_argument("--parts", default="model,methods,padding,dist")
+    ap.add_argument("--parts", default="model,optimizer,methods,padding,dist")
     ap.add_argument("--data-dir", default=os.environ.get("MTBERT_DATA_DIR", ""), help="CS224N files (default: sample)")
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
     ap.add_argument("--dist-worker", action="store_true", help=argparse.SUPPRESS)
@@ -320,6 +341,8 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     if "model" in parts:
         rows += bench_model(ckpt, device, args.quick)
+    if "optimizer" in parts:
+        rows += bench_optimizer(ckpt, device)
     if "methods" in parts:
         rows += bench_methods(ckpt, args.data_dir, args.quick)
     if "padding" in parts:

@@ -47,6 +47,8 @@ class HeadCfg:
     """`ce`, `bce`, `mse`, or `cosine_embedding` (cosine head only). `auto`: the task's default."""
     dropout: float = 0.1
     """Dropout on the pooled features before the head."""
+    weight: float = 1.0
+    """Weight of this task's loss (its gradient, under PCGrad) in the multitask objective."""
 
 
 @dataclass
@@ -128,7 +130,8 @@ class TrainCfg:
     train_tasks: list[str] = field(default_factory=list)
     """Train only these of data.tasks (all are still evaluated); empty = all."""
     epoch_steps: str = "largest"
-    """Steps per epoch: `smallest` / `largest` / `sum` (of the tasks' batches per epoch) or an integer."""
+    """Steps per epoch: `smallest` / `largest` / `sum` (of the tasks' batches per epoch), a multiple
+    such as `2*smallest`, or an integer."""
     max_steps: int = 0
     """Stop after this many optimizer steps in total (0 = no limit)."""
     lr: float = 5e-5
@@ -399,12 +402,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.lr: must be > 0")
     if not 0 <= t.warmup < 1:
         raise ConfigError(f"train.warmup: a fraction in [0, 1), got {t.warmup}")
-    if t.epoch_steps not in ("smallest", "largest", "sum"):
-        try:
+    factor, _, base = t.epoch_steps.rpartition("*")
+    try:
+        if base in ("smallest", "largest", "sum"):
+            assert float(factor or 1) > 0
+        else:
             assert int(t.epoch_steps) > 0
-        except (ValueError, AssertionError):
-            raise ConfigError(f"train.epoch_steps: `smallest`, `largest`, `sum` or a positive integer, "
-                              f"got {t.epoch_steps!r}") from None
+    except (ValueError, AssertionError):
+        raise ConfigError(f"train.epoch_steps: `smallest`, `largest`, `sum`, a multiple like `2*largest`, "
+                          f"or a positive integer, got {t.epoch_steps!r}") from None
     if not d.tasks:
         raise ConfigError("data.tasks: name at least one task")
     if len(set(d.tasks)) != len(d.tasks):
@@ -414,9 +420,12 @@ def validate(cfg: Config) -> None:
         if name not in TASKS and name not in cfg.task_defs:
             raise ConfigError(f"data.tasks: unknown task {name!r}; built in: {', '.join(TASKS)}; "
                               f"or define it with --task_defs.{name}.kind=... ")
-    for name in cfg.heads:
+    for name, head in cfg.heads.items():
         if name not in d.tasks:
             raise ConfigError(f"heads.{name}: {name!r} is not in data.tasks {d.tasks}")
+        if head.weight < 0 or head.layers not in (1, 2) or not 0 <= head.dropout < 1:
+            raise ConfigError(f"heads.{name}: weight must be >= 0, layers 1 or 2, dropout in [0, 1); "
+                              f"got weight={head.weight}, layers={head.layers}, dropout={head.dropout}")
     for name in t.train_tasks:
         if name not in d.tasks:
             raise ConfigError(f"train.train_tasks: {name!r} is not in data.tasks {d.tasks}")

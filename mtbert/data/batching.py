@@ -56,8 +56,10 @@ class TokenizedSplit:
                 out["a_types"] = types
         if self.labels is not None:
             out["labels"] = self.labels[list(idx)]
-        if device is not None:
-            out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
+        if device is not None and torch.device(device).type == "cuda":
+            out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}  # async copy
+        elif device is not None:
+            out = {k: v.to(device) for k, v in out.items()}
         return out
 
 

@@ -28,12 +28,12 @@ class Phase:
 
 
 def epoch_steps(setting: str, batches: dict[str, int]) -> int:
-    if setting == "smallest":
-        return max(1, min(batches.values()))
-    if setting == "largest":
-        return max(1, max(batches.values()))
-    if setting == "sum":
-        return max(1, sum(batches.values()))
+    """`smallest` / `largest` / `sum` of the tasks' batches per epoch, a multiple such as
+    `2*largest` or `0.5*smallest`, or a plain number of steps."""
+    factor, _, base = setting.rpartition("*")
+    if base in ("smallest", "largest", "sum"):
+        n = {"smallest": min, "largest": max, "sum": sum}[base](batches.values())
+        return max(1, round(float(factor or 1) * n))
     return int(setting)
 
 

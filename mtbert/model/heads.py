@@ -54,6 +54,7 @@ class TaskHead(nn.Module):
         self.kind = cfg.kind if cfg.kind != "auto" else spec.default_head
         self.loss_name = cfg.loss if cfg.loss != "auto" else spec.default_loss
         self.pooling = cfg.pooling
+        self.weight = cfg.weight
         self.spec = spec
         self.regression = spec.kind == "pair_regression"
         if spec.kind == "single_classification" and self.kind != "linear":
@@ -96,6 +97,10 @@ class TaskHead(nn.Module):
         return (y - lo) / (hi - lo)
 
     def loss(self, out, y):
+        """The task's weighted training loss (``weight`` x the loss below)."""
+        return self.weight * self._loss(out, y)
+
+    def _loss(self, out, y):
         out = out.float()
         if self.loss_name == "ce":
             return F.cross_entropy(out, y.long())
