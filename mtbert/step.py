@@ -98,9 +98,11 @@ class Stepper:
         if self.per_task:
             norm = torch.nn.utils.clip_grad_norm_(with_grad, clip, foreach=True)
         else:
-            norm = self.acc.clip_grad_norm_(with_grad, clip)  # None under DeepSpeed (it clips itself)
-        stats["grad_norm"] = norm if norm is not None else torch.tensor(float("nan"))
-        ok = bool(torch.isfinite(norm)) if norm is not None else True  # the step's one host sync
+            # Under DeepSpeed the engine already clipped and stepped in backward; this returns its norm.
+            norm = self.acc.clip_grad_norm_(with_grad, clip)
+        norm = torch.as_tensor(float("nan") if norm is None else norm)
+        stats["grad_norm"] = norm
+        ok = self.deepspeed or bool(torch.isfinite(norm))  # the step's one host sync
         if ok:
             self.raw_opt.step()
         self.raw_opt.zero_grad(set_to_none=True)
@@ -118,8 +120,8 @@ class Stepper:
             pairs = [(p, g) for p, g in pairs if id(p) in head]
         surrogate = torch.stack([(p * g).sum() for p, g in pairs]).sum()
         self.acc.backward(surrogate)  # engine.backward + engine.step
-        norm = self.acc.clip_grad_norm_(self.params, self.cfg.train.grad_clip or math.inf)
-        stats["grad_norm"] = norm if norm is not None else torch.tensor(float("nan"))
+        norm = self.acc.clip_grad_norm_(self.params, self.cfg.train.grad_clip or math.inf)  # the engine's norm
+        stats["grad_norm"] = torch.as_tensor(float("nan") if norm is None else norm)
         return True
 
     def _summed_step(self, micro_batches, phase):

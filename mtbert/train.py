@@ -10,7 +10,7 @@ gradient methods, through the reducer in optim/gradients.py; the model code know
 
 from __future__ import annotations
 
-import os
+import resource
 import signal
 import sys
 import time
@@ -94,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.model.init_weights:
         from safetensors.torch import load_file
         model.load_state_dict(load_file(cfg.model.init_weights))
-    out.print(f"model: {cfg.model.checkpoint} ({folder}), {count_params(model) / 1e6:.1f}M params "
-              f"({count_params(model, trainable_only=True) / 1e6:.1f}M trainable), sharing {model.sharing}, "
-              f"{world} process(es) on {device}")
+    n_params, n_train = count_params(model), count_params(model, trainable_only=True)
+    # fp32 weights (4 B) of every parameter + grad and two AdamW moments (12 B) of trainable ones
+    state_mb = (4 * n_params + 12 * n_train) / 2 ** 20
+    out.print(f"model: {cfg.model.checkpoint} ({folder}), {n_params / 1e6:.1f}M params "
+              f"({n_train / 1e6:.1f}M trainable, ~{state_mb:.0f} MiB weights+grads+AdamW), sharing "
+              f"(frozen, shared, per-task) = {model.sharing}, {world} process(es) on {device}")
 
     # ---- data: every split read, checked and tokenized once ------------------------------
     # Tasks outside train.train_tasks (per-task fine-tunes) are neither trained nor evaluated.
@@ -245,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
                 write_predictions(run_dir / "predictions" / f"{specs[t].pred_name}-{split_name}-output.csv",
                                   specs[t].pred_header, split.ids, preds, net.heads[t].regression)
     out.write_json("summary.json", {"steps": step, "best": info, "wall_s": round(time.time() - out.t0, 1),
-                                    "processes": world, "params_agree_across_ranks": agree})
+                                    "processes": world, "params_agree_across_ranks": agree,
+                                    "params": n_params, "trainable_params": n_train, "train_state_mib": round(state_mb, 1),
+                                    "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                                    "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+                                    if torch.cuda.is_available() else None})
     out.print(f"done: best dev overall {best:.4f} at step {info['step'] if info else '?'}; outputs in {run_dir}")
     out.close()
     return 0

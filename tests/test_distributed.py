@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import NO_DROPOUT, launch, load_weights, max_rel_diff, run_main, tiny_args
+from conftest import NO_DROPOUT, launch, load_weights, max_abs_diff, rel_diff, run_main, tiny_args
 
 pytestmark = pytest.mark.dist
 STEPS = ["--train.epoch_steps=3", "--data.max_eval=16", "--train.grad_clip=1.0", "--train.warmup=0"]
@@ -48,9 +48,11 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tiny_ckpt, tmp_path, re
     summary = _check_launch(result, run)
     if "zero3" not in config:
         assert summary["params_agree_across_ranks"] is True
-    diff = max_rel_diff(load_weights(run / "final"), references[method])
-    assert diff <= tol, f"{config} {method}/{reducer}: max relative parameter difference {diff:.2e}"
+    got = load_weights(run / "final")
+    diff, worst = rel_diff(got, references[method]), max_abs_diff(got, references[method])
+    assert diff <= tol, f"{config} {method}/{reducer}: relative parameter difference {diff:.2e}"
+    assert worst <= 10 * tol, f"{config} {method}/{reducer}: max abs parameter difference {worst:.2e}"
 
 
 def test_pcgrad_differs_from_sum_so_the_proofs_have_teeth(references):
-    assert max_rel_diff(references["pcgrad"], references["sum"]) > 1e-4
+    assert rel_diff(references["pcgrad"], references["sum"]) > 1000 * 1e-6
