@@ -3,7 +3,7 @@ Slurm as a job array or run the trials here one by one.
 
     python launch/sweep.py launch/sweeps/example.yaml                  # just write runs/<name>/sweep.txt
     python launch/sweep.py SPEC --local [--accel-config accelerate_configs/cpu_2proc.yaml]
-    python launch/sweep.py SPEC --submit -- --partition=gpu --gres=gpu:1 --time=02:00:00
+    python launch/sweep.py SPEC --submit -- --partition=gpu --gres=gpu:1 --time=02:00:00   # after --: sbatch options
 
 Spec keys: name, base (list of overrides for every trial), grid (key -> list of values; all
 combinations), random (n, params: key -> list of choices | {uniform: [a, b]} | {log_uniform: [a, b]}),
@@ -71,8 +71,10 @@ def main(argv=None) -> int:
     mode.add_argument("--local", action="store_true", help="run the trials here, one after another")
     mode.add_argument("--submit", action="store_true", help="sbatch slurm/sweep.sbatch as a job array")
     ap.add_argument("--accel-config", default="", help="accelerate config for --local / the array tasks")
-    ap.add_argument("sbatch_args", nargs="*", help="after --: extra sbatch options (partition, gres, time)")
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # after --: sbatch options
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.sbatch_args = extra
     spec = load_spec(args.spec)
     lines = expand(spec, args.root)
     out = args.root / (spec.get("name") or "sweep")

@@ -64,6 +64,12 @@ class Reporter:
             tmp.write_text("".join(line + "\n" for line in keep))
             os.replace(tmp, path)
 
+    def mark_stopped(self, step: int) -> None:
+        """Touch $MTBERT_STOP_FILE (set by slurm/common.sh): 'stopped to be resumed, requeue me'."""
+        flag = os.environ.get("MTBERT_STOP_FILE")
+        if self.main and flag:
+            Path(flag).write_text(f"{step}\n")
+
     def write_json(self, name: str, data) -> None:
         if self.main:
             tmp = self.run_dir / (name + ".tmp")

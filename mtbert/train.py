@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             if stop.agreed(world, device):
                 save(step)
                 out.print(f"stop requested: checkpoint at step {step} written; exiting with {EXIT_PREEMPTED}")
+                out.mark_stopped(step)  # launchers (accelerate, torchrun) do not pass our exit code on
                 code = EXIT_PREEMPTED
                 break
         if code:

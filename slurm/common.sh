@@ -20,6 +20,10 @@ signal_ranks() {
 # run_preemptible CMD...: start CMD, forward USR1/TERM to the training ranks, wait, and requeue
 # on exit 75. On several nodes set FORWARD_SIGNAL to a command that reaches every node.
 run_preemptible() {
+  # The trainer exits 75 after a requested stop, but launchers (accelerate, torchrun) turn any
+  # worker failure into 1: it also touches this file, which is what we check.
+  export MTBERT_STOP_FILE=${TMPDIR:-/tmp}/mtbert-stopped-${SLURM_JOB_ID:-$$}
+  rm -f "$MTBERT_STOP_FILE"
   "$@" &
   local pid=$! code
   trap 'echo "[sbatch] signal: asking the trainer to checkpoint"; ${FORWARD_SIGNAL:-signal_ranks USR1}' USR1 TERM
@@ -27,7 +31,8 @@ run_preemptible() {
     wait "$pid"; code=$?
     kill -0 "$pid" 2>/dev/null || break   # wait returns early when a trapped signal arrives
   done
-  if [ "$code" = "$EXIT_PREEMPTED" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  if { [ "$code" = "$EXIT_PREEMPTED" ] || [ -e "$MTBERT_STOP_FILE" ]; } && [ -n "${SLURM_JOB_ID:-}" ]; then
+    rm -f "$MTBERT_STOP_FILE"
     echo "[sbatch] checkpoint written; requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" && exit 0
   fi

@@ -62,7 +62,7 @@ def env():
 def test_sweep_array_then_compare(tiny_ckpt, tmp_path):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(f"""name: tiny-sweep
-base: ["--model.checkpoint={tiny_ckpt}", "--data.batch_size=8", "--train.epoch_steps=4", "--train.progress=false",
+base: ["--model.checkpoint={tiny_ckpt}", "--data.batch_size=8", "--train.epoch_steps=4", "--train.epochs=1", "--train.progress=false",
        "--data.max_eval=16", "--log.wandb=true"]
 grid:
   method.name: [sum, pcgrad, gse]
@@ -102,7 +102,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes(tiny_ckpt, tmp_path):
     log = tmp_path / "job.out"
     cmd = ["sbatch", "--parsable", "--time=15", f"--output={log}",
            "--export=ALL,ACCEL_CONFIG=accelerate_configs/cpu_1proc.yaml,NPROC=1", "slurm/train.sbatch",
-           f"--model.checkpoint={tiny_ckpt}", "--data.batch_size=8", "--train.epoch_steps=400",
+           f"--model.checkpoint={tiny_ckpt}", "--data.batch_size=8", "--train.epoch_steps=400", "--train.epochs=1",
            "--train.progress=false", "--data.max_eval=16", f"--train.out_dir={run}"]
     job = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, check=True).stdout.strip()
     deadline = time.time() + 300

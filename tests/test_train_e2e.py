@@ -100,7 +100,7 @@ def test_frozen_and_sharing_freeze_what_they_say(tiny_ckpt):
 @pytest.mark.parametrize("args,message", [
     (["--train.lrr=1"], "unknown config key 'train.lrr' \\(did you mean train.lr\\?\\)"),
     (["--train.lr=fast"], "train.lr: expected float"),
-    (["--method.name=pcgrad", "--data.tasks=sst"], "method.name: needs at least two tasks"),
+    (["--method.name=pcgrad", "--data.tasks=sst"], "method.name: needs at least two trained tasks"),
     (["--train.schedule=zigzag"], "train.schedule: 'zigzag' is not one of"),
     (["--data.tasks=sst,nope"], "data.tasks: unknown task 'nope'"),
     (["--model.sharing=F9"], "model.sharing: 'F9' is not of the form"),
