@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 def test_short_real_run_learns(data_dir, tmp_path):
     run = tmp_path / "run"
-    assert run_main([f"--data.dir={data_dir}", f"--train.out_dir={run}", "--train.epoch_steps=40",
+    assert run_main([f"--data.dir={data_dir}", f"--train.out_dir={run}", "--train.epochs=1", "--train.epoch_steps=50",
                      "--data.batch_size=16", "--train.lr=1e-4", "--data.max_eval=300", "--data.max_train=4000",
                      "--train.log_every=10", "--train.progress=false", "--heads.quora.kind=cross"]) == 0
     records = read_metrics(run)
