@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/methods"))
     ap.add_argument("--only", default="", help="comma-separated subset of method names")
     args = ap.parse_args(argv)
-    common = [f"--data.dir={args.data_dir}", "--train.lr=1e-4", "--data.batch_size=32", "--train.progress=false",
+    common = [f"--data.dir={args.data_dir}", "--train.epochs=1", "--train.lr=1e-4", "--data.batch_size=32", "--train.progress=false",
               f"--data.max_eval={args.max_eval}", "--heads.quora.kind=cross", "--train.resume=false"]
     args.out.mkdir(parents=True, exist_ok=True)
     rows, dirs = [], {}

@@ -56,3 +56,14 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tiny_ckpt, tmp_path, re
 
 def test_pcgrad_differs_from_sum_so_the_proofs_have_teeth(references):
     assert rel_diff(references["pcgrad"], references["sum"]) > 1000 * 1e-6
+
+
+def test_two_rank_bf16_pcgrad_keeps_ranks_identical(tiny_ckpt, tmp_path):
+    """bf16 autocast across ranks: skip decisions and updates come from the all-reduced Gram
+    matrix, so both ranks must end bit-identical."""
+    run = tmp_path / "run"
+    result = launch("cpu_2proc.yaml", tiny_args(tiny_ckpt, run, *STEPS, "--method.name=pcgrad",
+                                                "--method.reducer=sharded", "--train.precision=bf16",
+                                                "--data.batch_size=4"))
+    summary = _check_launch(result, run)
+    assert summary["params_agree_across_ranks"] is True
