@@ -29,7 +29,7 @@ def methods(steps: int) -> dict[str, list[str]]:
         "sequential": ["--train.schedule=sequential", f"--train.epoch_steps={s}"],
         "sum (joint RR)": [f"--train.epoch_steps={s}"],
         "PCGrad (RR-PCGrad)": ["--method.name=pcgrad", f"--train.epoch_steps={s}"],
-        "V-PCGrad": ["--method.name=pcgrad", "--train.schedule=union", f"--data.batch_size=96",
+        "V-PCGrad": ["--method.name=pcgrad", "--train.schedule=union", "--data.batch_size=96",
                      f"--train.epoch_steps={s}"],
         "A-PCGrad": ["--method.name=pcgrad", "--train.schedule=annealed", "--train.epochs=3",
                      f"--train.epoch_steps={s}"],

@@ -7,7 +7,6 @@ the worst dev examples per task, from the run's dev prediction files and the gol
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ def read_predictions(path: Path) -> dict[str, float]:
 def gold_dev(run_dir: Path):
     """task -> (spec, {id: Example}) for the run's tasks, read like the trainer reads them."""
     from mtbert.config import Config, load_file
-    from mtbert.data.batching import data_dir
+    from mtbert.data.batching import task_file
     from mtbert.data.cs224n import read_cs224n
     from mtbert.data.tasks import build_specs
     cfg = Config()
@@ -31,9 +30,7 @@ def gold_dev(run_dir: Path):
     for name, spec in build_specs(cfg).items():
         if spec.source != "cs224n":
             continue
-        path = Path(spec.files["dev"])
-        path = path if path.is_absolute() else data_dir(cfg) / path
-        examples, _ = read_cs224n(path, spec, True, skip_bad_rows=True)
+        examples, _ = read_cs224n(task_file(spec, "dev", cfg), spec, True, skip_bad_rows=True)
         out[name] = (spec, {e.id: e for e in examples})
     return out
 

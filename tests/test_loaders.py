@@ -88,9 +88,12 @@ def test_missing_and_empty_file(tmp_path):
 
 
 def test_packaged_sample_is_readable():
-    from mtbert.data.batching import SAMPLE_DIR
+    from mtbert.data.batching import SAMPLE_DIR, sample_name
+    found = 0
     for spec in TASKS.values():
         for split, name in spec.files.items():
-            if (SAMPLE_DIR / name).exists():
-                examples, _ = read_cs224n(SAMPLE_DIR / name, spec, labeled=split != "test")
+            if (SAMPLE_DIR / sample_name(name)).exists():
+                examples, _ = read_cs224n(SAMPLE_DIR / sample_name(name), spec, labeled=split != "test")
                 assert examples
+                found += 1
+    assert found == 11

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import DATA, ROOT, launch, load_weights, read_metrics, run_main, tiny_args
+from conftest import ROOT, launch, load_weights, read_metrics, run_main, tiny_args
 
 LONG = ["--train.epoch_steps=40", "--train.checkpoint_every=5", "--train.keep_last=3", "--data.max_eval=8",
         "--train.eval_every=0"]

@@ -63,10 +63,23 @@ class TokenizedSplit:
         return out
 
 
+def sample_name(name: str) -> str:
+    """The packaged sample's file for a course file name (ids-sst-train.csv -> sample_ids_sst_train.csv)."""
+    return "sample_" + name.replace("-", "_")
+
+
 def data_dir(cfg) -> Path:
     import os
     d = cfg.data.dir or os.environ.get("MTBERT_DATA_DIR", "")
     return Path(d) if d else SAMPLE_DIR
+
+
+def task_file(spec, split: str, cfg) -> Path:
+    """Where a CS224N-format task split lives: absolute, or under data.dir (or the sample)."""
+    path, folder = Path(spec.files[split]), data_dir(cfg)
+    if path.is_absolute():
+        return path
+    return folder / (sample_name(path.name) if folder == SAMPLE_DIR else path)
 
 
 def load_split(spec, split: str, cfg, tokenizer, head_kind: str, log=print) -> TokenizedSplit | None:
@@ -79,8 +92,7 @@ def load_split(spec, split: str, cfg, tokenizer, head_kind: str, log=print) -> T
     else:
         if split not in spec.files:
             return None
-        path = Path(spec.files[split])
-        path = path if path.is_absolute() else data_dir(cfg) / path
+        path = task_file(spec, split, cfg)
         if split == "test" and not path.exists():
             return None  # test files are optional (e.g. no Quora test file offline)
         examples, report = read_cs224n(path, spec, labeled, cfg.data.skip_bad_rows)

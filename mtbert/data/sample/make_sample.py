@@ -1,6 +1,6 @@
 """Writes the packaged SAMPLE task files (synthetic, templated sentences written for mtbert).
 
-They have the CS224N files' names and format (tab-separated, unnamed index column, doubled-quote
+They have the CS224N files' format (names prefixed sample_, '-' -> '_') (tab-separated, unnamed index column, doubled-quote
 CSV quoting, a Quora row with an empty label) so that the default run exercises the same code
 as the real data. They are NOT the course data: scores on them mean nothing.
 
@@ -35,7 +35,7 @@ def uid(*parts):
 
 
 def write(name, header, rows, index_col=True):
-    with open(HERE / name, "w", newline="") as f:
+    with open(HERE / ("sample_" + name.replace("-", "_")), "w", newline="") as f:
         w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
         w.writerow(([""] if index_col else []) + header)
         for i, row in enumerate(rows):
