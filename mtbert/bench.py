@@ -135,7 +135,7 @@ def bench_model(ckpt: str, device, quick: bool) -> list[dict]:
 def bench_optimizer(ckpt: str, device) -> list[dict]:
     """AdamW step on the encoder's parameters: for-loop vs foreach vs fused kernels."""
     from mtbert.model.bert import from_pretrained
-    rows, times = [], {}
+    rows = []
     model, _ = from_pretrained(ckpt)
     model.to(device)
     for p in model.parameters():
