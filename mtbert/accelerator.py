@@ -36,9 +36,11 @@ def make_accelerator(cfg):
     if precision == "fp16" and not cuda:
         raise ConfigError("train.precision: fp16 needs a GPU (Accelerate silently runs fp32 on CPU); use bf16 or no")
     per_task = cfg.method.name not in ("sum", "mean")
-    if deepspeed and cfg.method.name == "gse":
-        raise ConfigError("method.name=gse: its two updates per step would step DeepSpeed's scheduler twice; "
-                          "run GSE with a DDP launch (accelerate_configs/ddp.yaml or cpu_2proc.yaml)")
+    if deepspeed and cfg.train.idle_params == "keep":
+        raise ConfigError("train.idle_params=keep: DeepSpeed's ZeRO optimizers step every parameter (a zero "
+                          "gradient still moves AdamW's moments); use step or auto under DeepSpeed")
+    if cfg.train.idle_params == "auto":
+        cfg.train.idle_params = "step" if deepspeed else "keep"
     if deepspeed and per_task and precision == "fp16":
         raise ConfigError("train.precision=fp16 with per-task methods under DeepSpeed is not supported; use bf16")
     # Per-task fp16 is scaled by step.LossScaler, so Accelerate must not add its own GradScaler.
@@ -47,11 +49,11 @@ def make_accelerator(cfg):
     unused = (cfg.train.schedule != "round_robin" or cfg.method.pairwise or cfg.method.arrp_batches > 0
               or bool(cfg.train.train_tasks))
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=bool(unused))]
-    if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not cuda and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))  # else DeepSpeed on CPU asks for NCCL/oneCCL
     acc = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="no" if own_fp16 else precision,
                       kwargs_handlers=handlers, log_with="wandb" if cfg.log.wandb else None,
-                      gradient_accumulation_steps=cfg.train.grad_accum if deepspeed else 1,
+                      gradient_accumulation_steps=1,  # mtbert accumulates itself (engines.py)
                       step_scheduler_with_optimizer=False)  # else it steps N times per step on N processes
     if per_task and zero_stage(acc) == 3:
         raise ConfigError(f"method.name={cfg.method.name}: ZeRO-3 partitions the parameters themselves, so "
@@ -68,7 +70,9 @@ def configure_deepspeed(acc, cfg) -> None:
         return
     ds = plugin.deepspeed_config
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
-    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
-    ds["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum * acc.num_processes
+    # mtbert owns accumulation and marks the boundary itself (engines.DeepSpeedEngine), so the
+    # engine must neither divide losses by its own count nor step only every grad_accum calls.
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = cfg.data.batch_size * acc.num_processes
     ds["gradient_clipping"] = float(cfg.train.grad_clip)  # 0.0 = off; DeepSpeed's own default is 1.0
     ds.setdefault("zero_allow_untested_optimizer", True)  # our torch AdamW

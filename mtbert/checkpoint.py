@@ -15,14 +15,11 @@ import re
 import shutil
 from pathlib import Path
 
-import torch.distributed as dist
-
 STATE_FILE = "trainer_state.json"
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+def _barrier(accelerator) -> None:
+    accelerator.wait_for_everyone()  # a no-op in one process
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -38,16 +35,16 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier(accelerator.num_processes)
+    _barrier(accelerator)
     accelerator.save_state(str(tmp))
-    _barrier(accelerator.num_processes)
+    _barrier(accelerator)
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # the atomic step: the folder appears complete or not at all
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier(accelerator.num_processes)
+    _barrier(accelerator)
     return final
 
 
@@ -68,7 +65,7 @@ def save_weights(accelerator, model, folder: Path, info: dict) -> None:
         (tmp / "info.json").write_text(json.dumps(info))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
-    _barrier(accelerator.num_processes)
+    _barrier(accelerator)
 
 
 def load_best(model, run_dir: Path) -> dict | None:

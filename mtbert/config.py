@@ -165,6 +165,11 @@ class TrainCfg:
     """Resume from the newest checkpoint in out_dir if there is one."""
     max_bad_steps: int = 5
     """Stop when this many steps in a row had a NaN/inf loss or gradient (they are skipped)."""
+    idle_params: str = "auto"
+    """Parameters with no gradient in a step (an absent task's head, an encoder frozen by ARRP's
+    head-only batches): `keep` (grad None: AdamW leaves them alone), `step` (zero gradient: AdamW
+    still applies momentum and weight decay), `auto` = `step` under DeepSpeed (its flat ZeRO
+    optimizers always step every parameter; `keep` is refused there) and `keep` elsewhere."""
     precision: str = "auto"
     """`auto` (from the accelerate config / launch flags), `no` (fp32), `bf16` or `fp16` (GPU only:
     Accelerate silently ignores fp16 on CPU)."""
@@ -235,6 +240,7 @@ CHOICES = {
     "model.encoder": {"finetune", "frozen"},
     "train.lr_schedule": {"linear", "cosine", "constant"},
     "train.precision": {"auto", "no", "bf16", "fp16"},
+    "train.idle_params": {"auto", "keep", "step"},
     "train.schedule": {"round_robin", "proportional", "annealed", "temperature", "union", "sequential"},
     "method.name": {"sum", "mean", "pcgrad", "gse"},
     "method.pcgrad_reduction": {"sum", "mean"},

@@ -10,15 +10,14 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 
 @torch.no_grad()
-def predict(model, split, batch_size: int, device, autocast=None, world: int = 1, rank: int = 0) -> list:
+def predict(model, split, batch_size: int, device, autocast=None, collectives=None, rank: int = 0) -> list:
     """Predictions for every example of ``split`` (a TokenizedSplit), in order, on every rank."""
     was_training = model.training
     model.eval()
-    n = len(split)
+    n, world = len(split), collectives.world if collectives is not None else 1
     per_rank = -(-n // world)
     mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
     mine += [0] * (per_rank - len(mine))  # padding, dropped below
@@ -35,18 +34,16 @@ def predict(model, split, batch_size: int, device, autocast=None, world: int = 1
         for j, p in zip(chunk, head.predict(out).tolist()):
             preds[j] = p
     if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, preds)
-        preds = [p for part in gathered for p in part]
+        preds = [p for part in collectives.gather_objects(preds) for p in part]
     model.train(was_training)
     return preds[:n]
 
 
-def evaluate(model, splits: dict, specs: dict, batch_size: int, device, autocast=None, world=1, rank=0):
+def evaluate(model, splits: dict, specs: dict, batch_size: int, device, autocast=None, collectives=None, rank=0):
     """-> ({task: {metric: value}}, overall, {task: preds}) over the given dev splits."""
     metrics, all_preds = {}, {}
     for task, split in splits.items():
-        preds = predict(model, split, batch_size, device, autocast, world, rank)
+        preds = predict(model, split, batch_size, device, autocast, collectives, rank)
         metrics[task] = specs[task].metric(preds, split.labels.tolist())
         all_preds[task] = preds
     overall = sum(m["score"] for m in metrics.values()) / max(len(metrics), 1)

@@ -1,5 +1,11 @@
 """One optimizer step, for every method.
 
+Contract: N ranks with per-rank batch b take the same step as 1 process with batch N b. A step
+is ``grad_accum`` micro-batches; each holds, per planned task, this rank's share of the global
+batch (``MicroBatch``) and the factor ``share = n_local * N / n_global`` that makes the mean of
+the ranks' (averaged) gradients the gradient of the global mean loss, also when a task's
+examples are split unevenly (union schedule) or a rank got none of them.
+
 Two paths:
 - **summed** (method sum/mean): the tasks' losses are added and back-propagated once, through
   the prepared (DDP / DeepSpeed) model, exactly as any Accelerate script does.
@@ -17,11 +23,12 @@ every rank takes the same decision.
 
 from __future__ import annotations
 
-import contextlib
-import math
+from dataclasses import dataclass
 
 import torch
 
+from mtbert.collectives import Collectives
+from mtbert.engines import DeepSpeedEngine, make_engine
 from mtbert.methods.smart import smart_loss
 from mtbert.optim.aggregators import conflict_stats, update_weights
 from mtbert.optim.gradients import GradientBuffers, make_reducer
@@ -48,109 +55,115 @@ class LossScaler:
         self.scale, self.good = s["scale"], s["good"]
 
 
+@dataclass
+class MicroBatch:
+    """One accumulation round of a step on this rank.
+
+    batches: task -> this rank's padded batch of the task.
+    shares: task -> n_local * world / n_global (1.0 whenever examples are split evenly). A rank
+    that holds none of a planned task's examples (union schedule) runs one of them with share
+    0: every rank then produces gradients for the same parameters, which DDP and ZeRO reduce
+    in lockstep (a parameter with a gradient on one rank only would hang or crash them)."""
+
+    batches: dict[str, dict | None]
+    shares: dict[str, float]
+
+
 def seeded_generator(seed: int, step: int) -> torch.Generator:
     """The PCGrad order generator: identical on every rank for a given step."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 class Stepper:
-    def __init__(self, accelerator, model, optimizer, scheduler, cfg, tasks: list[str],
+    """The method: per-step losses, per-task gradients, reduction, weights; the engine
+    (engines.py) hands the result to the optimizer."""
+
+    def __init__(self, accelerator, model, optimizer, scheduler, cfg, tasks: list[str], collectives=None,
                  autocast=None, scaler: LossScaler | None = None):
-        self.acc, self.model, self.opt, self.sched, self.cfg = accelerator, model, optimizer, scheduler, cfg
+        collectives = collectives or Collectives(accelerator.num_processes, accelerator.device)
+        self.acc, self.model, self.cfg = accelerator, model, cfg
         self.net = accelerator.unwrap_model(model)  # the MultitaskModel itself
         self.autocast = autocast or accelerator.autocast
         self.scaler = scaler
         self.per_task = cfg.method.name not in ("sum", "mean")
-        self.deepspeed = accelerator.distributed_type == "DEEPSPEED"
         self.params = [p for p in self.net.parameters() if p.requires_grad]
-        # The per-task path unscales and clips itself, so it steps the bare torch optimizer
-        # (Accelerate's wrapper would unscale a second time under fp16).
-        self.raw_opt = getattr(optimizer, "optimizer", optimizer) if self.per_task else optimizer
+        self.engine = make_engine(accelerator, model, optimizer, scheduler, self.params, cfg, self.per_task)
+        self.deepspeed = isinstance(self.engine, DeepSpeedEngine)
+        self.tasks = list(tasks)
         if self.per_task:
-            world = accelerator.num_processes
-            self.buffers = GradientBuffers(self.net, tasks, world)
-            self.reducer = make_reducer(cfg.method.reducer, world, accelerator.process_index)
+            self.buffers = GradientBuffers(self.net, tasks, collectives.world)
+            self.reducer = make_reducer(cfg.method.reducer, collectives)
 
-    def _task_loss(self, model, task, batch, scale):
+    def _task_loss(self, task, batch, out, share, phase, noise_seed):
+        """share x loss scale x (task loss [+ SMART]) for head output ``out``."""
         with self.autocast():
-            out = model(task, batch)
             loss = self.net.heads[task].loss(out, batch["labels"])
             if self.cfg.method.smart:
                 m = self.cfg.method
-                loss = loss + m.smart_weight * smart_loss(self.net, task, batch, out, m.smart_noise,
-                                                          m.smart_step, m.smart_steps)
-        return loss * scale
+                loss = loss + m.smart_weight * smart_loss(self.net, task, batch, out, m.smart_noise, m.smart_step,
+                                                          m.smart_steps, noise_seed, phase.head_only)
+        return loss * (share * phase.loss_scale)
 
-    def step(self, step: int, micro_batches: list[dict], phase) -> dict:
-        """micro_batches: grad_accum dicts task -> batch. Returns stats (tensors; no host sync)."""
+    def _noise_seed(self, step: int, micro: int, task: str) -> int:
+        """SMART's perturbation seed: per (seed, step, micro-batch, task); smart.py adds the
+        example index, so the noise of an example does not depend on which rank holds it."""
+        return ((self.cfg.train.seed * 1_000_003 + step) * 64 + micro) * 64 + self.tasks.index(task)
+
+    def step(self, step: int, micro_batches: list[MicroBatch | dict], phase) -> dict:
+        """Returns stats (tensors; no host sync beyond the engine's one). A plain dict
+        task -> batch is a MicroBatch with every share 1 (one process, or even shards)."""
+        micro_batches = [mb if isinstance(mb, MicroBatch) else MicroBatch(mb, dict.fromkeys(mb, 1.0))
+                         for mb in micro_batches]
         if self.per_task:
             return self._per_task_step(step, micro_batches, phase)
-        return self._summed_step(micro_batches, phase)
+        return self._summed_step(step, micro_batches, phase)
 
-    def _finish(self, phase, stats):
-        if phase.head_only:  # ARRP freeze: everything but the task's head keeps still
+    def _summed_step(self, step, micro_batches, phase):
+        n = len(micro_batches)
+        losses = {}
+        for i, mb in enumerate(micro_batches):
+            # One call of the wrapped model for all tasks: DDP with find_unused_parameters
+            # marks a parameter ready once per forward, so a second forward before the
+            # backward would mark the first task's parameters twice.
+            with self.autocast():
+                outs = self.model(mb.batches, head_only=phase.head_only)
+            parts = {t: self._task_loss(t, b, outs[t], mb.shares[t], phase, self._noise_seed(step, i, t))
+                     for t, b in mb.batches.items()}
+            total = sum(parts.values())
+            if self.cfg.method.name == "mean":
+                total = total / len(mb.batches)  # the step's task count (global), not this rank's
+            self.engine.backward(total / n, last=i == n - 1)
+            for t, v in parts.items():
+                losses[t] = losses.get(t, 0) + v.detach() / n
+        stats = {f"loss/{t}": v for t, v in losses.items()}
+        self._clear_frozen(phase)
+        stats["grad_norm"], applied = self.engine.step(per_task=False)
+        stats["skipped"] = not applied
+        return stats
+
+    def _clear_frozen(self, phase) -> None:
+        """ARRP head-only batches: the encoder output was detached, so only the head has a
+        gradient; shared .grad views hold zeros, which must read as "no gradient"."""
+        if phase.head_only and not self.deepspeed:
             head = {id(p) for p in self.net.heads[phase.tasks[0]].parameters()}
             for p in self.params:
                 if id(p) not in head:
                     p.grad = None
-        clip = self.cfg.train.grad_clip or math.inf
-        with_grad = [p for p in self.params if p.grad is not None]
-        if self.per_task:
-            norm = torch.nn.utils.clip_grad_norm_(with_grad, clip, foreach=True)
-        else:
-            # Under DeepSpeed the engine already clipped and stepped in backward; this returns its norm.
-            norm = self.acc.clip_grad_norm_(with_grad, clip)
-        norm = torch.as_tensor(float("nan") if norm is None else norm)
-        stats["grad_norm"] = norm
-        ok = self.deepspeed or bool(torch.isfinite(norm))  # the step's one host sync
-        if ok:
-            self.raw_opt.step()
-        self.raw_opt.zero_grad(set_to_none=True)
-        return ok
-
-    def _deepspeed_apply(self, present, phase, stats) -> bool:
-        """Hand the combined gradient to the DeepSpeed engine: backward of sum(p * g) has
-        gradient g for every parameter p, so ZeRO partitions, averages (identical on every
-        rank), clips and steps it like any gradient."""
-        buf = self.buffers
-        pairs = list(zip(buf.shared, buf.update_views))
-        pairs += [(p, g) for t in present for p, g in zip(buf.private[t], buf.priv_views[t])]
-        if phase.head_only:
-            head = {id(p) for p in self.net.heads[phase.tasks[0]].parameters()}
-            pairs = [(p, g) for p, g in pairs if id(p) in head]
-        surrogate = torch.stack([(p * g).sum() for p, g in pairs]).sum()
-        self.acc.backward(surrogate)  # engine.backward + engine.step
-        norm = self.acc.clip_grad_norm_(self.params, self.cfg.train.grad_clip or math.inf)  # the engine's norm
-        stats["grad_norm"] = torch.as_tensor(float("nan") if norm is None else norm)
-        return True
-
-    def _summed_step(self, micro_batches, phase):
-        n = len(micro_batches)
-        losses = {}
-        for i, batches in enumerate(micro_batches):
-            sync = contextlib.nullcontext() if i == n - 1 else self.acc.no_sync(self.model)
-            with sync:
-                parts = {t: self._task_loss(self.model, t, b, phase.loss_scale) for t, b in batches.items()}
-                total = sum(parts.values())
-                if self.cfg.method.name == "mean":
-                    total = total / len(parts)
-                self.acc.backward(total if self.deepspeed else total / n)  # DeepSpeed divides by its own GAS
-            for t, v in parts.items():
-                losses[t] = losses.get(t, 0) + v.detach() / n
-        stats = {f"loss/{t}": v for t, v in losses.items()}
-        stats["skipped"] = not self._finish(phase, stats)
-        self.sched.step()
-        return stats
 
     def _per_task_step(self, step, micro_batches, phase):
-        present = list(micro_batches[0])
+        # Every task planned in any micro-batch is in the step, in the run's task order: the
+        # plan is global, so every rank zeroes, reduces and combines the same rows.
+        planned = {t for mb in micro_batches for t in mb.batches}
+        present = [t for t in self.tasks if t in planned]
         buf, n = self.buffers, len(micro_batches)
         buf.start(present, attach=not self.deepspeed)
         scale = self.scaler.scale if self.scaler else 1.0
         losses = {}
-        for batches in micro_batches:
-            for t, b in batches.items():
-                loss = self._task_loss(self.net, t, b, phase.loss_scale) / n
+        for i, mb in enumerate(micro_batches):
+            for t, b in mb.batches.items():
+                with self.autocast():
+                    out = self.net(t, b, head_only=phase.head_only)
+                loss = self._task_loss(t, b, out, mb.shares[t], phase, self._noise_seed(step, i, t)) / n
                 if self.deepspeed:  # DeepSpeed's gradient hooks would take .grad: ask autograd directly
                     params = buf.shared + buf.private[t]
                     buf.accumulate(t, torch.autograd.grad(loss * scale, params, allow_unused=True))
@@ -166,33 +179,45 @@ class Stepper:
                 f.div_(scale)
         gram, local_rows, moved = self.reducer.reduce(rows, private)
         stats = {f"loss/{t}": v for t, v in losses.items()}
+        stats["comm_bytes"] = moved
         finite = bool(torch.isfinite(gram.diagonal()).all())  # identical on every rank
         if self.scaler:
             self.scaler.update(not finite)
         if not finite:
-            self.raw_opt.zero_grad(set_to_none=True)
-            stats["skipped"] = True
-            self.sched.step()
+            self.engine.skip()
+            stats["skipped"], stats["grad_norm"] = True, torch.tensor(float("nan"))
             return stats
         gram_cpu = gram.cpu()
         updates = update_weights(self.cfg.method.name, gram_cpu, seeded_generator(self.cfg.train.seed, step),
                                  self.cfg.method.pcgrad_reduction)
         if self.cfg.method.conflict_stats and len(present) > 1:
             stats.update({f"conflict/{k}": v for k, v in conflict_stats(gram_cpu, updates[0]).items()})
-        for w in updates:  # GSE makes two updates from the same gradients
+        for j, w in enumerate(updates):  # GSE makes two updates from the same gradients
             buf.set_update(w, local_rows)
-            moved += self.reducer.finish(buf.update)
+            stats["comm_bytes"] += self.reducer.finish(buf.update)
+            last = j == len(updates) - 1
             if self.deepspeed:
-                stats["skipped"] = not self._deepspeed_apply(present, phase, stats)
-                break
-            buf.attach_update()
-            if w is not updates[-1]:
-                keep = [(p, p.grad) for ps in buf.private.values() for p in ps]
-                self._finish(phase, stats)
+                stats["grad_norm"], applied = self.engine.hand_over(self._combined_pairs(present, phase), last)
+            else:
+                buf.attach_update()
+                # The first update's clipping scales .grad in place, and the private .grad are
+                # the buffers themselves: the second update needs them unclipped, so copy.
+                keep = [] if last else [(p, None if p.grad is None else p.grad.clone())
+                                        for ps in buf.private.values() for p in ps]
+                self._clear_frozen(phase)
+                stats["grad_norm"], applied = self.engine.step(per_task=True, schedule=last)
                 for p, g in keep:  # the private grads serve the second update as well
                     p.grad = g
-            else:
-                stats["skipped"] = not self._finish(phase, stats)
-        stats["comm_bytes"] = moved
-        self.sched.step()
+            stats["skipped"] = not applied
         return stats
+
+    def _combined_pairs(self, present, phase):
+        """(parameter, combined gradient) for the DeepSpeed hand-over; under ARRP's head-only
+        batches only the head's (the rest is zero: ZeRO steps it with a zero gradient)."""
+        buf = self.buffers
+        pairs = list(zip(buf.shared, buf.update_views))
+        pairs += [(p, g) for t in present for p, g in zip(buf.private[t], buf.priv_views[t])]
+        if phase.head_only:
+            head = {id(p) for p in self.net.heads[phase.tasks[0]].parameters()}
+            pairs = [(p, g) for p, g in pairs if id(p) in head]
+        return pairs

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from mtbert import checkpoint as ckpt
+from mtbert.accelerator import configure_deepspeed, make_accelerator, zero_stage
+from mtbert.collectives import Collectives
 from mtbert.config import ConfigError, HeadCfg, parse_args, to_dict
 from mtbert.data.batching import load_split
 from mtbert.data.sampler import ShardedTaskSampler, plan_step
@@ -29,8 +31,7 @@ from mtbert.model.bert import count_params, from_pretrained
 from mtbert.model.heads import MultitaskModel
 from mtbert.replicas import ranks_agree
 from mtbert.reporting import Reporter
-from mtbert.accelerator import configure_deepspeed, make_accelerator, zero_stage
-from mtbert.step import Stepper
+from mtbert.step import MicroBatch, Stepper
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint; requeue me
 EXIT_NUMERICS = 3  # too many non-finite steps in a row
@@ -62,13 +63,23 @@ class StopFlag:
     def _handle(self, signum, frame):
         self.requested = True
 
-    def agreed(self, world: int, device) -> bool:
+    def agreed(self, collectives: Collectives) -> bool:
         """True on every rank if any rank was signalled (all ranks must stop at the same step)."""
-        if world == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
-        torch.distributed.all_reduce(flag)
-        return bool(flag.item() > 0)
+        return collectives.any_true(self.requested)
+
+
+def global_mean_losses(stats: dict[str, list], coll: Collectives) -> None:
+    """Replace each rank's share-weighted task losses by their mean over ranks: the loss of
+    the global batch (every rank holds the same keys and counts: the task plan is global)."""
+    keys = sorted(k for k in stats if k.startswith("loss/"))
+    if coll.world == 1 or not keys:
+        return
+    flat = torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in stats[k]]).to(coll.device).sum()
+                        for k in keys])
+    counts = [len(stats[k]) for k in keys]
+    coll.all_reduce_mean_(flat)
+    for k, total, n in zip(keys, flat.tolist(), counts):
+        stats[k] = [total / n] * n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     world, rank, device = acc.num_processes, acc.process_index, acc.device
+    coll = Collectives(world, device)  # every torch.distributed call goes through it
     run_dir = Path(cfg.train.out_dir)
     out = Reporter(acc, run_dir, to_dict(cfg), cfg.log.wandb, cfg.log)
     from accelerate.utils import set_seed
@@ -131,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         model.encoder = torch.compile(model.encoder)
     configure_deepspeed(acc, cfg)  # no-op without DeepSpeed
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    stepper = Stepper(acc, model, optimizer, scheduler, cfg, list(specs), autocast, scaler)
+    stepper = Stepper(acc, model, optimizer, scheduler, cfg, list(specs), coll, autocast, scaler)
     net = stepper.net
 
     # ---- resume --------------------------------------------------------------------------
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_eval(step, label):
         nonlocal best
-        metrics, overall, _ = evaluate(net, dev, specs, cfg.data.eval_batch_size, device, autocast, world, rank)
+        metrics, overall, _ = evaluate(net, dev, specs, cfg.data.eval_batch_size, device, autocast, coll, rank)
         record = {"step": step, "split": "dev", "phase": label, "overall": overall}
         record.update({f"{t}/{k}": v for t, m in metrics.items() for k, v in m.items()})
         out.log(record)
@@ -182,12 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         while step < phase_end:
             micro = []
             for a in range(cfg.train.grad_accum):
-                plan = plan_step(cfg.train.schedule, cfg.train.seed, step * cfg.train.grad_accum + a, active, B,
-                                 phase.epoch, cfg.train.epochs, cfg.train.temperature)
-                idx = sampler.next(plan)
-                micro.append({t: train[t].batch(i, device) for t, i in idx.items()})
-                n_examples += sum(len(i) for i in idx.values()) * world
-                n_tokens += sum(train[t].token_count(i) for t, i in idx.items()) * world
+                # The plan counts examples of the global batch (B x world): world-independent.
+                plan = plan_step(cfg.train.schedule, cfg.train.seed, step * cfg.train.grad_accum + a, active,
+                                 B * world, phase.epoch, cfg.train.epochs, cfg.train.temperature)
+                idx = sampler.next(plan, union=cfg.train.schedule == "union")
+                shares = {t: len(idx[t]) * world / n for t, n in plan.items()}
+                idx = {t: i or sampler.placeholder(t) for t, i in idx.items()}  # share 0: see MicroBatch
+                micro.append(MicroBatch({t: train[t].batch(i, device) for t, i in idx.items()}, shares))
+                n_examples += sum(plan.values())
+                n_tokens += sum(train[t].token_count(i) for t, i in idx.items() if shares[t]) * world
             stats = stepper.step(step, micro, phase)
             step += 1
             bar.update(1)
@@ -199,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 record = {"step": step, "split": "train", "phase": phase.label, "epoch": phase.epoch,
                           "lr": scheduler.get_last_lr()[0], "examples_per_s": n_examples / dt,
                           "tokens_per_s": n_tokens / dt}
+                global_mean_losses(acc_stats, coll)
                 for k, vs in acc_stats.items():
                     vals = [float(v) for v in vs]
                     record[k] = sum(vals) if k in ("skipped", "comm_bytes") else sum(vals) / len(vals)
@@ -214,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_eval(step, phase.label)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < phase_end:
                 save(step)  # (a phase end saves after its evaluation, below)
-            if stop.agreed(world, device):
+            if stop.agreed(coll):
                 save(step)
                 out.print(f"stop requested: checkpoint at step {step} written; exiting with {EXIT_PREEMPTED}")
                 out.mark_stopped(step)  # launchers (accelerate, torchrun) do not pass our exit code on
@@ -237,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- final: last weights, replica check, best model's dev and test predictions ------
     ckpt.save_weights(acc, model, run_dir / "final", {"step": step})
-    agree = ranks_agree(net, world) if zero_stage(acc) != 3 else None  # ZeRO-3: each rank holds a shard
+    agree = ranks_agree(net, coll) if zero_stage(acc) != 3 else None  # ZeRO-3: each rank holds a shard
     if agree is False:
         out.print("error: the processes ended with different parameters; the launch is not data-parallel")
     info = ckpt.load_best(net, run_dir) if zero_stage(acc) != 3 else None
@@ -245,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         for t, split in splits.items():
             if split is None:
                 continue
-            preds = predict(net, split, cfg.data.eval_batch_size, device, autocast, world, rank)
+            preds = predict(net, split, cfg.data.eval_batch_size, device, autocast, coll, rank)
             if acc.is_main_process:
                 write_predictions(run_dir / "predictions" / f"{specs[t].pred_name}-{split_name}-output.csv",
                                   specs[t].pred_header, split.ids, preds, net.heads[t].regression)

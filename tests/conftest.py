@@ -70,13 +70,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
 NO_DROPOUT = ["--model.dropout=0", "--heads.sst.dropout=0", "--heads.quora.dropout=0", "--heads.sts.dropout=0"]
 
 
-def launch(config: str, args: list[str], timeout: int = 600, env_extra: dict | None = None):
-    """Run the trainer the way users do: accelerate launch --config_file accelerate_configs/<config>."""
+def launch(config: str, args: list[str], timeout: int = 600, env_extra: dict | None = None, processes: int = 0):
+    """Run the trainer the way users do: accelerate launch --config_file accelerate_configs/<config>
+    (``processes``: override the config's num_processes, as users do with --num_processes)."""
     import subprocess
     import sys
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
            str(ROOT / "accelerate_configs" / config), "--main_process_port", str(free_port()),
+           *(["--num_processes", str(processes)] if processes else []),
            str(ROOT / "mtbert" / "train.py"), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -57,6 +57,7 @@ def test_flat_buffers_equal_autograd_and_keep_heads_apart(tiny_ckpt):
 
 def test_per_task_path_pcgrad_equals_pcgrad_by_hand(tiny_ckpt):
     from accelerate import Accelerator
+
     from mtbert.methods.phases import Phase
     from mtbert.step import Stepper, seeded_generator
     cfg = parse_args([f"--model.checkpoint={tiny_ckpt}", "--method.name=pcgrad", "--train.grad_clip=0"])
@@ -79,3 +80,72 @@ def test_per_task_path_pcgrad_equals_pcgrad_by_hand(tiny_ckpt):
     after = torch.cat([p.detach().flatten() for p in shared])
     torch.testing.assert_close(before - after, expected, rtol=1e-5, atol=1e-7)
     assert 0.0 <= stats["conflict/conflict_frac"] <= 1.0
+
+
+def _stepper(model, cfg, tasks):
+    from accelerate import Accelerator
+
+    from mtbert.step import Stepper
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return Stepper(Accelerator(cpu=True), model, opt, sched, cfg, tasks)
+
+
+def test_a_task_only_in_a_later_micro_batch_is_in_the_step(tiny_ckpt):
+    """grad_accum=2 with a probabilistic schedule: sst in micro-batch 1 only, quora in 2 only.
+    Both rows are zeroed, reduced and combined, and quora's head moves (issue: the step took its
+    tasks from the first micro-batch, dropping quora's shared gradient)."""
+    from mtbert.methods.phases import Phase
+    from mtbert.step import MicroBatch, seeded_generator
+    cfg = parse_args([f"--model.checkpoint={tiny_ckpt}", "--method.name=pcgrad", "--train.grad_clip=0"])
+    model, batches = _model_and_batches(tiny_ckpt)
+    shared = [p for n, p in model.named_parameters() if not n.startswith("heads.")]
+    G = []
+    for t in ("sst", "quora"):  # by hand: each task's gradient / 2 (the accumulation mean)
+        model.zero_grad(set_to_none=True)
+        (model.heads[t].loss(model(t, batches[t]), batches[t]["labels"]) / 2).backward()
+        G.append(torch.cat([p.grad.flatten() for p in shared]))
+    expected = pcgrad(torch.stack(G), seeded_generator(cfg.train.seed, 3))
+    model.zero_grad(set_to_none=True)
+    stepper = _stepper(model, cfg, list(batches))
+    before = torch.cat([p.detach().flatten().clone() for p in shared])
+    head = [p.detach().clone() for p in model.heads["quora"].parameters()]
+    assert head
+    micro = [MicroBatch({"sst": batches["sst"]}, {"sst": 1.0}), MicroBatch({"quora": batches["quora"]}, {"quora": 1.0})]
+    stepper.step(3, micro, Phase(("sst", "quora", "sts"), 1, 1, "t"))
+    after = torch.cat([p.detach().flatten() for p in shared])
+    torch.testing.assert_close(before - after, expected, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(head, model.heads["quora"].parameters()))  # its head moved
+
+
+def test_bf16_parameters_keep_fp32_rows_and_the_fp32_pcgrad_weights(tiny_ckpt):
+    """DeepSpeed bf16 casts parameters to bf16: the rows, the Gram input and the update stay
+    fp32, so the PCGrad weights equal the weights from the same gradients in fp32."""
+    from mtbert.optim.pcgrad import gram_matrix, pcgrad_weights
+    model, batches = _model_and_batches(tiny_ckpt)
+    model = model.to(torch.bfloat16)
+    tasks = list(batches)
+    buf = GradientBuffers(model, tasks)
+    assert buf.G.dtype == buf.update.dtype == torch.float32
+    buf.start(tasks, attach=False)
+    exact = []
+    for t in tasks:
+        params = buf.shared + buf.private[t]
+        total = None
+        for half in (slice(0, 2), slice(2, 4)):  # two micro-batches accumulate into the row
+            b = {k: v[half] for k, v in batches[t].items()}
+            loss = model.heads[t].loss(model(t, b), b["labels"]) / 2
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            buf.accumulate(t, grads)
+            flat = torch.cat([g.double().flatten() for g in grads[:len(buf.shared)]])
+            total = flat if total is None else total + flat
+        exact.append(total)
+    rows = buf.rows(tasks)
+    exact = torch.stack(exact)
+    torch.testing.assert_close(rows[:, :buf.P].double(), exact, rtol=0, atol=0)  # fp32 holds bf16 sums exactly
+    g = torch.Generator()
+    w = pcgrad_weights(gram_matrix(rows), g.manual_seed(0))
+    w32 = pcgrad_weights(gram_matrix(exact.float()), g.manual_seed(0))
+    torch.testing.assert_close(w, w32, rtol=1e-12, atol=0)
+    w16 = pcgrad_weights(gram_matrix(exact.bfloat16()), g.manual_seed(0))  # what bf16 rows gave
+    assert not torch.equal(w, w16)

@@ -96,11 +96,55 @@ def test_bucketing_reduces_padding():
 def test_resume_mid_epoch_repeats_and_loses_nothing():
     lengths = list(range(1, 101))
     full = ShardedTaskSampler({"a": lengths, "b": lengths[:60]}, 3, 2, 1, 5, True)
-    ref = [full.next({"a": 5, "b": 5}) for _ in range(30)]
+    ref = [full.next({"a": 10, "b": 10}) for _ in range(30)]
     part = ShardedTaskSampler({"a": lengths, "b": lengths[:60]}, 3, 2, 1, 5, True)
-    got = [part.next({"a": 5, "b": 5}) for _ in range(13)]
+    got = [part.next({"a": 10, "b": 10}) for _ in range(13)]
     state = part.state_dict()
     resumed = ShardedTaskSampler({"a": lengths, "b": lengths[:60]}, 3, 2, 1, 5, True)
     resumed.load_state_dict(state)
-    got += [resumed.next({"a": 5, "b": 5}) for _ in range(17)]
+    got += [resumed.next({"a": 10, "b": 10}) for _ in range(17)]
     assert got == ref
+
+
+@pytest.mark.parametrize("kind", ["round_robin", "proportional", "union"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_schedule_gives_one_process_the_union_of_the_ranks_examples(kind, world):
+    """The plan counts the global batch, so it does not depend on the world size; the ranks'
+    slices of each task are disjoint and together are exactly what 1 process takes — also
+    for the union schedule, where a rank may hold a task partly or not at all (issue: union
+    drew task counts per rank from the per-rank batch)."""
+    from mtbert.data.sampler import ShardedTaskSampler
+    lengths = {"a": [3] * 90, "b": [4] * 70, "c": [5] * 50}
+    b = 4
+    single = ShardedTaskSampler(lengths, 5, 1, 0, b * world, False)
+    ranks = [ShardedTaskSampler(lengths, 5, world, r, b, False) for r in range(world)]
+    sizes = {t: len(v) for t, v in lengths.items()}
+    uneven = 0
+    for step in range(40):
+        plan = plan_step(kind, 9, step, sizes, b * world)
+        assert plan == plan_step(kind, 9, step, sizes, b * world)  # same on every rank
+        want = single.next(plan, union=kind == "union")
+        got = [r.next(plan, union=kind == "union") for r in ranks]
+        for t in plan:
+            parts = [g[t] for g in got]
+            assert sum(parts, []) == want[t]
+            uneven += len({len(p) for p in parts}) > 1
+        assert all(sum(len(i) for i in g.values()) == (b if kind == "union" else b * len(plan)) for g in got)
+    assert (uneven > 0) == (kind == "union")
+
+
+def test_rank_shares_make_the_mean_of_rank_means_the_global_mean():
+    """share = n_local * world / n_global: the ranks' share-weighted mean losses, averaged over
+    ranks (what the reducers and DDP do), equal the mean over the global batch."""
+    import torch
+
+    from mtbert.data.sampler import rank_slices
+    plan, world = {"a": 5, "b": 1, "c": 6}, 3
+    values = {t: torch.randn(n, dtype=torch.float64) for t, n in plan.items()}
+    for t, n in plan.items():
+        total = 0.0
+        for r in range(world):
+            lo, hi = rank_slices(plan, world, r, True)[t]
+            if hi > lo:
+                total += values[t][lo:hi].mean() * ((hi - lo) * world / n)
+        assert float(total / world) == pytest.approx(float(values[t].mean()), rel=1e-12)

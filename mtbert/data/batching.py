@@ -54,6 +54,7 @@ class TokenizedSplit:
                 for j, i in enumerate(idx):
                     types[j, :len(self.types[i])] = torch.tensor(self.types[i])
                 out["a_types"] = types
+        out["index"] = torch.tensor(list(idx), dtype=torch.long)  # [B] example indices (SMART's noise seeds)
         if self.labels is not None:
             out["labels"] = self.labels[list(idx)]
         if device is not None and torch.device(device).type == "cuda":

@@ -1,11 +1,12 @@
 """Task schedules and the sharded task sampler.
 
-Every rank computes the same schedule (which tasks, how many examples) from (seed, step)
-alone, so all ranks train the same tasks at every step and per-task gradients can be reduced
-together. Each task is an endless stream of epochs; epoch e's order is a permutation drawn
-from (seed, task, e). A step takes ``n x world`` consecutive examples of that order (a
-"global batch") and rank r keeps the r-th slice of n: shards are disjoint and equal-sized,
-and one process with batch n x world sees exactly the union of the ranks' batches.
+Every rank computes the same schedule (which tasks, how many examples of the *global* batch)
+from (seed, step) alone, so all ranks train the same tasks at every step and per-task
+gradients can be reduced together; the plan does not depend on the world size. Each task is
+an endless stream of epochs; epoch e's order is a permutation drawn from (seed, task, e). A
+step takes the planned number of consecutive examples of that order (a "global batch") and
+each rank keeps its slice (``rank_slices``): shards are disjoint, and one process with batch
+n x world sees exactly the union of the ranks' batches.
 
 Even-length policy: an epoch's tail shorter than one global batch is dropped (every epoch is
 reshuffled, so a dropped example is seen in other epochs). With bucketing, the order is
@@ -40,11 +41,12 @@ def task_probs(kind: str, sizes: dict[str, int], epoch: int = 1, epochs: int = 1
 
 def plan_step(kind: str, seed: int, step: int, active: dict[str, int], batch: int,
               epoch: int = 1, epochs: int = 1, temperature: float = 2.0) -> dict[str, int]:
-    """Examples per task (per rank) at global ``step``; identical on every rank.
+    """Examples per task in the *global* batch at ``step``; identical on every rank.
 
-    active: task -> training-set size, for the tasks this phase trains.
+    active: task -> training-set size, for the tasks this phase trains; batch: the global
+    batch (per-rank batch x world), so the plan does not depend on the world size.
     round_robin/sequential: a batch of every active task. proportional/annealed/temperature:
-    one task drawn by its probability. union: a batch drawn from the union of all active
+    one task drawn by its probability. union: one batch drawn from the union of all active
     tasks' examples, i.e. multinomial counts per task (tasks with 0 are left out).
     """
     if kind in ("round_robin", "sequential") or len(active) == 1:
@@ -58,6 +60,25 @@ def plan_step(kind: str, seed: int, step: int, active: dict[str, int], batch: in
             counts[name] += 1
         return {k: v for k, v in counts.items() if v}
     return {rng.choices(names, weights=[probs[n] for n in names])[0]: batch}
+
+
+def rank_slices(plan: dict[str, int], world: int, rank: int, union: bool) -> dict[str, tuple[int, int]]:
+    """This rank's part [lo, hi) of each task's global examples in ``plan``.
+
+    Per-task schedules: every task's global count is world x b; rank r takes the r-th b.
+    union: the global batch is laid out task after task (in plan order) and rank r takes
+    positions [r B, (r+1) B) of it (B = global / world), so a rank may hold a task's examples
+    partly or not at all; the step weighs each rank's loss by its share (step.MicroBatch)."""
+    if not union:
+        return {t: (rank * n // world, (rank + 1) * n // world) for t, n in plan.items()}
+    per_rank = sum(plan.values()) // world
+    lo_r, hi_r = rank * per_rank, (rank + 1) * per_rank
+    out, offset = {}, 0
+    for t, n in plan.items():
+        lo, hi = max(offset, lo_r), min(offset + n, hi_r)
+        out[t] = (lo - offset, hi - offset) if lo < hi else (0, 0)
+        offset += n
+    return out
 
 
 class TaskStream:
@@ -93,16 +114,20 @@ class TaskStream:
         return self._order
 
     def take(self, n: int) -> list[int]:
-        """This rank's next ``n`` indices (the global batch is n x world)."""
-        gb = n * self.world
+        """This rank's next ``n`` indices of an evenly split global batch of n x world."""
+        return self.take_global(n * self.world, self.rank * n, (self.rank + 1) * n)
+
+    def take_global(self, gb: int, lo: int, hi: int) -> list[int]:
+        """Advance by a global batch of ``gb`` examples; return this rank's part [lo, hi) of it."""
         if gb > len(self.lengths):
             raise ValueError(f"task {self.task_index}: a global batch of {gb} is larger than its "
                              f"{len(self.lengths)} training examples; lower data.batch_size")
-        if self.pos + gb > len(self.lengths):  # drop the tail: even shards on every rank
+        if self.pos + gb > len(self.lengths):  # drop the tail: every global batch is whole
             self.epoch, self.pos = self.epoch + 1, 0
         window = self.order(self.epoch)[self.pos:self.pos + gb]
         self.pos += gb
-        return window[self.rank * n:(self.rank + 1) * n]
+        self.last_window_start = window[0]
+        return window[lo:hi]
 
 
 class ShardedTaskSampler:
@@ -110,11 +135,21 @@ class ShardedTaskSampler:
 
     def __init__(self, lengths: dict[str, list[int]], seed: int, world: int, rank: int,
                  batch: int, bucket: bool):
+        self.world, self.rank = world, rank
         self.streams = {name: TaskStream(i, ls, seed, world, rank, batch, bucket)
                         for i, (name, ls) in enumerate(lengths.items())}
 
-    def next(self, plan: dict[str, int]) -> dict[str, list[int]]:
-        return {task: self.streams[task].take(n) for task, n in plan.items()}
+    def next(self, plan: dict[str, int], union: bool = False) -> dict[str, list[int]]:
+        """plan: global examples per task (``plan_step``) -> this rank's indices per task
+        (an empty list where this rank holds none of that task's examples)."""
+        world, rank = self.world, self.rank
+        parts = rank_slices(plan, world, rank, union)
+        return {task: self.streams[task].take_global(n, *parts[task]) for task, n in plan.items()}
+
+    def placeholder(self, task: str) -> list[int]:
+        """One example of ``task``'s last global batch, for a rank that holds none of it: it
+        runs with weight 0 (step.MicroBatch), so ranks produce gradients in lockstep."""
+        return [self.streams[task].last_window_start]
 
     def state_dict(self) -> dict:
         return {name: [s.epoch, s.pos] for name, s in self.streams.items()}

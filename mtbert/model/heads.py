@@ -158,11 +158,18 @@ class MultitaskModel(nn.Module):
                 h = layer(h, m)
         return pool(h, mask, self.heads[task].pooling)
 
-    def forward(self, task: str, batch: dict, inputs_embeds: list | None = None):
-        """batch: a_ids/a_mask/a_types [B, T] (+ b_* for bi-encoder pairs) -> head output."""
+    def forward(self, task, batch: dict | None = None, inputs_embeds: list | None = None, head_only: bool = False):
+        """batch: a_ids/a_mask/a_types [B, T] (+ b_* for bi-encoder pairs) -> head output.
+        ``task`` may be a dict task -> batch: then a dict task -> head output, from one call
+        (what a DDP-wrapped model needs for several tasks before one backward).
+        head_only: the pooled sentence vectors [B, H] are constants (ARRP's head-only batches),
+        so backward reaches the head alone."""
+        if isinstance(task, dict):
+            return {t: self.forward(t, b, head_only=head_only) for t, b in task.items()}
         emb = inputs_embeds or [None, None]
-        u = self.encode(task, batch["a_ids"], batch["a_mask"], batch.get("a_types"), emb[0])
-        v = self.encode(task, batch["b_ids"], batch["b_mask"], None, emb[1]) if "b_ids" in batch else None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not head_only):
+            u = self.encode(task, batch["a_ids"], batch["a_mask"], batch.get("a_types"), emb[0])
+            v = self.encode(task, batch["b_ids"], batch["b_mask"], None, emb[1]) if "b_ids" in batch else None
         return self.heads[task](u, v)
 
     def task_parameter_names(self, task: str) -> list[str]:

@@ -21,11 +21,9 @@ Byte counts are per rank per step under the ring model (what NCCL/gloo ring algo
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from mtbert.collectives import Collectives
 from mtbert.optim.pcgrad import gram_matrix
-
-BUCKET = 1 << 24  # elements per collective call (64 MiB of fp32)
 
 
 def _views(flat: torch.Tensor, params: list) -> list[torch.Tensor]:
@@ -47,13 +45,17 @@ class GradientBuffers:
         self.shared = [p for n, p in named if n not in all_own]
         self.private = {t: [p for n, p in named if n in own[t]] for t in tasks}
         ref = named[0][1]
+        # Rows, Gram input and update stay fp32 whatever the parameter dtype (DeepSpeed bf16
+        # casts the parameters): a bf16 row would round every per-task gradient and the Gram.
+        dtype = torch.float32 if ref.dtype in (torch.bfloat16, torch.float16) else ref.dtype
+        self.dtype, self.attachable = dtype, dtype == ref.dtype  # .grad views need the param's dtype
         self.P = sum(p.numel() for p in self.shared)
         P_pad = -(-self.P // world) * world  # divisible by the world size for reduce-scatter
-        self.G = torch.zeros(len(tasks), P_pad, dtype=ref.dtype, device=ref.device)  # [K, P_pad]
-        self.update = torch.zeros(P_pad, dtype=ref.dtype, device=ref.device)  # [P_pad]
+        self.G = torch.zeros(len(tasks), P_pad, dtype=dtype, device=ref.device)  # [K, P_pad]
+        self.update = torch.zeros(P_pad, dtype=dtype, device=ref.device)  # [P_pad]
         self.row_views = [_views(self.G[k], self.shared) for k in range(len(tasks))]
         self.update_views = _views(self.update, self.shared)
-        self.priv_flat = {t: torch.zeros(sum(p.numel() for p in ps), dtype=ref.dtype, device=ref.device)
+        self.priv_flat = {t: torch.zeros(sum(p.numel() for p in ps), dtype=dtype, device=ref.device)
                           for t, ps in self.private.items()}
         self.priv_views = {t: _views(self.priv_flat[t], ps) for t, ps in self.private.items()}
 
@@ -81,8 +83,14 @@ class GradientBuffers:
         k = self.tasks.index(task)
         views = self.row_views[k] + self.priv_views[task]
         pairs = [(v, g) for v, g in zip(views, grads) if g is not None]
-        if pairs:
+        if pairs and self.attachable:
             torch._foreach_add_([v for v, _ in pairs], [g for _, g in pairs])
+        else:  # bf16 gradients into fp32 rows (a foreach add wants one dtype)
+            for v, g in pairs:
+                v.add_(g)
+
+    def absent(self, present: list[str]) -> list[str]:
+        return [t for t in self.tasks if t not in present]
 
     def rows(self, present: list[str]) -> torch.Tensor:
         idx = [self.tasks.index(t) for t in present]
@@ -112,25 +120,23 @@ class LocalReducer:
         return 0
 
 
-def _all_reduce_mean(t: torch.Tensor, world: int) -> None:
-    flat = t.view(-1)
-    for s in range(0, flat.numel(), BUCKET):
-        dist.all_reduce(flat[s:s + BUCKET])
-    t.div_(world)
+def _ring_bytes(t: torch.Tensor, world: int, passes: int = 2) -> int:
+    """Bytes one rank sends for t under the ring model (all-reduce: 2 passes, RS/AG: 1)."""
+    return passes * t.numel() * t.element_size() * (world - 1) // world
 
 
 class AllReduceReducer:
     """Average every task's full gradient on every rank (buckets), then Gram + update locally."""
 
-    def __init__(self, world: int):
-        self.world = world
+    def __init__(self, coll: Collectives):
+        self.coll, self.world = coll, coll.world
 
     def reduce(self, rows, private):
-        _all_reduce_mean(rows, self.world)  # rows is [k, P_pad] (a view of G or a copy)
-        moved = 2 * rows.numel() * rows.element_size() * (self.world - 1) // self.world
+        self.coll.all_reduce_mean_(rows)  # rows is [k, P_pad] (a view of G or a copy)
+        moved = _ring_bytes(rows, self.world)
         for flat in private:
-            _all_reduce_mean(flat, self.world)
-            moved += 2 * flat.numel() * flat.element_size() * (self.world - 1) // self.world
+            self.coll.all_reduce_mean_(flat)
+            moved += _ring_bytes(flat, self.world)
         return gram_matrix(rows), rows, moved
 
     def finish(self, update):
@@ -140,34 +146,32 @@ class AllReduceReducer:
 class ShardedReducer:
     """Reduce-scatter per-task gradients; only the K x K Gram matrix is all-reduced."""
 
-    def __init__(self, world: int, rank: int):
-        self.world, self.rank = world, rank
+    def __init__(self, coll: Collectives):
+        self.coll, self.world = coll, coll.world
 
     def reduce(self, rows, private):
         k, P_pad = rows.shape
         n = P_pad // self.world
         shard = torch.empty(k, n, dtype=rows.dtype, device=rows.device)  # [k, P/N]: this rank's columns
         for i in range(k):  # each task row: averaged, and scattered by column blocks
-            dist.reduce_scatter_tensor(shard[i], rows[i])
-        shard.div_(self.world)
+            self.coll.reduce_scatter_mean(shard[i], rows[i])
         gram = gram_matrix(shard)
-        dist.all_reduce(gram)  # sum of partial Gram matrices over column blocks = full Gram
-        moved = rows.numel() * rows.element_size() * (self.world - 1) // self.world + 2 * gram.numel() * 8
+        self.coll.all_reduce_sum_(gram)  # sum of partial Gram matrices over column blocks = full Gram
+        moved = _ring_bytes(rows, self.world, 1) + 2 * gram.numel() * 8
         for flat in private:
-            _all_reduce_mean(flat, self.world)
-            moved += 2 * flat.numel() * flat.element_size() * (self.world - 1) // self.world
-        self._shard = shard
+            self.coll.all_reduce_mean_(flat)
+            moved += _ring_bytes(flat, self.world)
         return gram, shard, moved
 
     def finish(self, update: torch.Tensor) -> int:
         """The update was formed on this rank's columns (first P/N of ``update``): gather all."""
         n = update.numel() // self.world
         local = update[:n].clone()
-        dist.all_gather_into_tensor(update, local)
-        return update.numel() * update.element_size() * (self.world - 1) // self.world
+        self.coll.all_gather_into(update, local)
+        return _ring_bytes(update, self.world, 1)
 
 
-def make_reducer(kind: str, world: int, rank: int):
-    if world == 1:
+def make_reducer(kind: str, coll: Collectives):
+    if coll.world == 1:
         return LocalReducer()
-    return ShardedReducer(world, rank) if kind == "sharded" else AllReduceReducer(world)
+    return ShardedReducer(coll) if kind == "sharded" else AllReduceReducer(coll)

@@ -1,0 +1,101 @@
+"""The one module that calls ``torch.distributed``.
+
+Every collective in mtbert goes through a ``Collectives`` object bound to the device the
+process group serves (the run device: ``accelerator.device``). NCCL takes CUDA tensors only,
+gloo CPU tensors, so a tensor on any other device is a bug that would only show on the first
+multi-GPU run: ``Collectives`` refuses it with a message instead (``CollectiveDeviceError``).
+Choice: one process group per run (Accelerate's: NCCL on GPUs, gloo on CPU), not a mixed
+``cpu:gloo,cuda:nccl`` group; small host values (flags, fingerprints) are moved to the run
+device before they are reduced.
+
+``ops`` is the backend (``torch.distributed`` by default); tests pass a recorder with the
+same four functions and a ``meta`` run device to prove what every collective receives
+without a process group (tests/test_collectives.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+BUCKET = 1 << 24  # elements per all-reduce call (64 MiB of fp32)
+
+
+class CollectiveDeviceError(AssertionError):
+    """A tensor handed to a collective is not on the device the process group serves."""
+
+
+class Collectives:
+    def __init__(self, world: int, device, ops=None):
+        self.world = world
+        self.device = torch.device(device)
+        if ops is None and world > 1:
+            import torch.distributed as ops
+        self.ops = ops
+
+    # -- the guard -------------------------------------------------------------------------
+    def _check(self, name: str, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            if t.device.type != self.device.type:
+                raise CollectiveDeviceError(
+                    f"{name}: tensor on {t.device}, but the process group serves {self.device} "
+                    f"(NCCL takes CUDA tensors only); move it with .to(collectives.device)")
+
+    # -- tensors ---------------------------------------------------------------------------
+    def all_reduce_mean_(self, t: torch.Tensor) -> None:
+        """t <- mean of t over ranks, in place, in flat buckets (t must be contiguous)."""
+        if self.world == 1:
+            return
+        self._check("all_reduce", t)
+        flat = t.view(-1)
+        for s in range(0, flat.numel(), BUCKET):
+            self.ops.all_reduce(flat[s:s + BUCKET])
+        t.div_(self.world)
+
+    def all_reduce_sum_(self, t: torch.Tensor) -> None:
+        if self.world == 1:
+            return
+        self._check("all_reduce", t)
+        self.ops.all_reduce(t)
+
+    def reduce_scatter_mean(self, out: torch.Tensor, inp: torch.Tensor) -> None:
+        """out [n] <- this rank's n-column block of the mean of inp [n * world] over ranks."""
+        self._check("reduce_scatter", out, inp)
+        self.ops.reduce_scatter_tensor(out, inp)
+        out.div_(self.world)
+
+    def all_gather_into(self, out: torch.Tensor, local: torch.Tensor) -> None:
+        """out [world * n] <- every rank's local [n], in rank order."""
+        self._check("all_gather", out, local)
+        self.ops.all_gather_into_tensor(out, local)
+
+    # -- host values (moved to the run device first) ----------------------------------------
+    def any_true(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any rank."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        self.all_reduce_sum_(t)
+        return bool(t.item() > 0)
+
+    def all_equal(self, value: torch.Tensor) -> bool:
+        """True if ``value`` (a small tensor) is bit-identical on every rank."""
+        if self.world == 1:
+            return True
+        mine = value.to(self.device).reshape(-1)
+        everyone = torch.empty(self.world * mine.numel(), dtype=mine.dtype, device=self.device)
+        self.all_gather_into(everyone, mine)
+        rows = everyone.view(self.world, -1).cpu()
+        return all(torch.equal(rows[0], r) for r in rows)
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's picklable ``obj``, in rank order. torch moves the pickled bytes to the
+        current CUDA device itself under NCCL (Accelerate sets it); gloo keeps them on CPU."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        self.ops.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.ops.barrier()

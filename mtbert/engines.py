@@ -1,0 +1,107 @@
+"""How a step's gradient reaches the optimizer, per engine. The step (step.py) computes
+losses, per-task gradients and weights; an engine does the backward of a summed loss, takes a
+combined gradient, clips, steps, and reports the pre-clip norm and whether the step applied.
+
+- ``TorchEngine``: one process or DDP (Accelerate-prepared torch optimizer).
+- ``DeepSpeedEngine``: ZeRO-1/2. mtbert owns gradient accumulation: DeepSpeed is configured
+  with ``gradient_accumulation_steps=1`` and told where the boundary is
+  (``set_gradient_accumulation_boundary``), so it steps once per mtbert step and never
+  rescales a loss by its own accumulation count. A combined gradient is handed over through
+  a surrogate backward of ``sum(p * g)`` (gradient g for every p), which ZeRO partitions,
+  averages (identical on every rank), clips and steps like any gradient.
+
+Parameters that got no gradient in a step (an absent task's head, an ARRP-frozen encoder):
+``idle="keep"`` leaves ``grad=None`` so AdamW skips them; ``idle="step"`` gives them a zero
+gradient so AdamW still applies moment decay and weight decay — what DeepSpeed's flat ZeRO
+optimizers always do, so it is the only setting there (accelerator.py enforces it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+
+class TorchEngine:
+    def __init__(self, accelerator, model, optimizer, scheduler, params: list, clip: float, idle: str,
+                 per_task: bool):
+        self.acc, self.model, self.sched, self.params = accelerator, model, scheduler, params
+        self.clip, self.idle = clip or math.inf, idle
+        # The per-task path unscales and clips itself, so it steps the bare torch optimizer
+        # (Accelerate's wrapper would unscale a second time under fp16).
+        self.opt = getattr(optimizer, "optimizer", optimizer) if per_task else optimizer
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """One micro-batch of the summed path; DDP all-reduces only on the last one."""
+        sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
+        with sync:
+            self.acc.backward(loss)
+
+    def step(self, per_task: bool, schedule: bool = True) -> tuple[torch.Tensor, bool]:
+        """Clip, step unless the norm is not finite, zero; the LR scheduler steps once per
+        mtbert step (``schedule=False`` for GSE's first update). -> (pre-clip norm, applied)."""
+        if self.idle == "step":  # ("auto" outside a launch = keep)
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        with_grad = [p for p in self.params if p.grad is not None]
+        if per_task:
+            norm = torch.nn.utils.clip_grad_norm_(with_grad, self.clip, foreach=True)
+        else:
+            norm = self.acc.clip_grad_norm_(with_grad, self.clip)
+        norm = torch.as_tensor(float("nan") if norm is None else norm)
+        applied = bool(torch.isfinite(norm))  # the step's one host sync
+        if applied:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if schedule:
+            self.sched.step()
+        return norm, applied
+
+    def skip(self) -> None:
+        """A step skipped before the optimizer (non-finite per-task Gram): the schedule moves on."""
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+
+
+class DeepSpeedEngine:
+    def __init__(self, accelerator, model, optimizer, scheduler, params: list, clip: float, idle: str,
+                 per_task: bool):
+        self.engine = accelerator.deepspeed_engine_wrapped.engine
+        # Accelerate hands DeepSpeed only its own scheduler classes; ours (a LambdaLR) stays
+        # outside the engine, so we step it once per mtbert step, applied or skipped alike.
+        assert self.engine.lr_scheduler is None, "mtbert steps its LR scheduler itself"
+        self.sched, self.params = scheduler, params
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss)
+
+    def step(self, per_task: bool, schedule: bool = True) -> tuple[torch.Tensor, bool]:
+        """Clipping and the optimizer step happen inside ``engine.step`` (ZeRO clips on its
+        partitions and skips a step whose norm is not finite). -> (pre-clip norm, applied)."""
+        self.engine.step()
+        applied = bool(self.engine.was_step_applied())
+        norm = self.engine.get_global_grad_norm()
+        norm = torch.as_tensor(float("nan") if norm is None or not applied else float(norm))
+        if schedule:
+            self.sched.step()
+        return norm, applied
+
+    def hand_over(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], schedule: bool = True):
+        """Give the engine gradient g for each (parameter, g) and step. -> (norm, applied)."""
+        self.engine.set_gradient_accumulation_boundary(True)
+        surrogate = torch.stack([(p * g.to(p.dtype)).float().sum() for p, g in pairs]).sum()
+        self.engine.backward(surrogate)
+        return self.step(per_task=True, schedule=schedule)
+
+    def skip(self) -> None:
+        self.engine.zero_grad()
+        self.sched.step()
+
+
+def make_engine(accelerator, model, optimizer, scheduler, params, cfg, per_task: bool):
+    cls = DeepSpeedEngine if accelerator.distributed_type == "DEEPSPEED" else TorchEngine
+    return cls(accelerator, model, optimizer, scheduler, params, cfg.train.grad_clip, cfg.train.idle_params, per_task)

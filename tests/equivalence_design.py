@@ -1,0 +1,70 @@
+"""The equivalence matrix of the distributed tests: a covering design over the factors a
+step depends on, in which every pair of factor levels that a valid configuration allows meets
+in at least one case (greedy all-pairs construction; deterministic).
+
+Each case runs N ranks with per-rank batch b as users launch (accelerate launch) and is
+compared with 1 process on the global batch N b (tests/test_equivalence.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+FACTORS: dict[str, tuple] = {
+    "method": ("sum", "mean", "pcgrad", "gse", "smart", "pairwise", "arrp", "sequential"),
+    "schedule": ("round_robin", "proportional", "annealed", "temperature", "union", "sequential"),
+    "grad_accum": (2, 1),
+    "reducer": ("sharded", "allreduce"),
+    "engine": ("ddp", "zero1", "zero2"),
+    "precision": ("no", "bf16"),
+    "ranks": (2, 3),
+}
+
+PER_TASK = {"pcgrad", "gse", "smart", "pairwise", "arrp"}
+
+# What each method level sets (SMART, pairwise and ARRP run with PCGrad: the per-task path).
+METHOD_ARGS: dict[str, list[str]] = {
+    "sum": ["--method.name=sum"],
+    "mean": ["--method.name=mean"],
+    "pcgrad": ["--method.name=pcgrad"],
+    "gse": ["--method.name=gse"],
+    "smart": ["--method.name=pcgrad", "--method.smart=true", "--method.smart_noise=1e-2"],
+    "pairwise": ["--method.name=pcgrad", "--method.pairwise=true", "--train.epoch_steps=6"],
+    "arrp": ["--method.name=pcgrad", "--method.arrp_batches=2", "--method.arrp_freeze=all_but_head"],
+    "sequential": ["--method.name=sum"],
+}
+
+ENGINE_CONFIG = {"ddp": "cpu_2proc.yaml", "zero1": "zero1.yaml", "zero2": "zero2.yaml"}
+
+
+def valid(case: dict) -> bool:
+    m, s = case["method"], case["schedule"]
+    if m in ("pairwise", "arrp") and s != "round_robin":
+        return False  # config refuses it (tests/test_equivalence.py checks the refusal)
+    if (m == "sequential") != (s == "sequential"):
+        return False
+    if m not in PER_TASK and case["reducer"] != "allreduce":
+        return False  # the summed path has no reducer
+    return True
+
+
+def _pairs(case: dict) -> set:
+    items = sorted(case.items())
+    return {(a, b) for a, b in itertools.combinations(items, 2)}
+
+
+def covering_design() -> list[dict]:
+    names = list(FACTORS)
+    product = [dict(zip(names, values)) for values in itertools.product(*FACTORS.values())]
+    candidates = [c for c in product if valid(c)]
+    to_cover = set().union(*(_pairs(c) for c in candidates))
+    cases = []
+    while to_cover:
+        best = max(candidates, key=lambda c: len(_pairs(c) & to_cover))
+        cases.append(best)
+        to_cover -= _pairs(best)
+    return cases
+
+
+def case_id(case: dict) -> str:
+    return "-".join(str(case[k]) for k in FACTORS)
