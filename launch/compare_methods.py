@@ -21,25 +21,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from mtbert.methods.registry import METHODS  # noqa: E402  (run as a script from the repo)
 
 
 def methods(steps: int) -> dict[str, list[str]]:
-    s = steps
-    return {
-        "sequential": ["--train.schedule=sequential", f"--train.epoch_steps={s}"],
-        "sum (joint RR)": [f"--train.epoch_steps={s}"],
-        "PCGrad (RR-PCGrad)": ["--method.name=pcgrad", f"--train.epoch_steps={s}"],
-        "V-PCGrad": ["--method.name=pcgrad", "--train.schedule=union", "--data.batch_size=96",
-                     f"--train.epoch_steps={s}"],
-        "A-PCGrad": ["--method.name=pcgrad", "--train.schedule=annealed", "--train.epochs=3",
-                     f"--train.epoch_steps={s}"],
-        "GSE": ["--method.name=gse", f"--train.epoch_steps={s}"],
-        "ARRP": ["--method.name=pcgrad", "--train.epochs=2", f"--train.epoch_steps={s // 2 - s // 8}",
-                 f"--method.arrp_batches={3 * s // 8}", "--method.arrp_weight=0.5"],
-        "pairwise": ["--method.pairwise=true", f"--train.epoch_steps={3 * s // 2}"],
-        "SMART": ["--method.smart=true", f"--train.epoch_steps={s}"],
-        "sharing F2-S2-I2": ["--model.sharing=F2-S2-I2", f"--train.epoch_steps={s}"],
-    }
+    """Title -> overrides for every registry method that compare_methods runs, at this budget."""
+    return {spec.title: [*spec.overrides, *spec.budget(steps)] for spec in METHODS.values() if spec.compare}
 
 
 def slug(name: str) -> str:
@@ -77,8 +65,9 @@ def main(argv=None) -> int:
         best = json.loads((d / "summary.json").read_text())["best"]
         rows.append((name, best["metrics"], best["overall"], wall))
         print(f"{name}: overall {best['overall']:.4f} in {wall / 60:.1f} min", flush=True)
-    if "PCGrad (RR-PCGrad)" in dirs:
-        base = dirs["PCGrad (RR-PCGrad)"]
+    pcgrad = METHODS["pcgrad"].title
+    if pcgrad in dirs:
+        base = dirs[pcgrad]
         t0 = time.time()
         res = subprocess.run([sys.executable, "-m", "mtbert.methods.ensemble", str(base),
                               f"--train.epoch_steps={max(1, args.steps // 3)}", "--train.progress=false"],
@@ -86,7 +75,7 @@ def main(argv=None) -> int:
         if res.returncode != 0:
             raise SystemExit(f"ensemble failed:\n{res.stderr[-3000:]}")
         ens = json.loads((base / "ensemble" / "summary.json").read_text())
-        rows.append(("ensemble (PCGrad + per-task fine-tune, +1/3 budget per task)", ens["metrics"], ens["overall"],
+        rows.append((f"{METHODS['ensemble'].title}, +1/3 budget per task", ens["metrics"], ens["overall"],
                      time.time() - t0))
     tasks = ["sst", "quora", "sts"]
     lines = ["| method | SST acc | Quora acc | STS r | overall | wall min |", "|---|---|---|---|---|---|"]

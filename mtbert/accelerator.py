@@ -13,15 +13,15 @@ import os
 import torch
 
 from mtbert.config import ConfigError
-from mtbert.step import LossScaler
+from mtbert.optim.loss_scaler import LossScaler
 
 
 def using_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def zero_stage(acc) -> int:
-    plugin = getattr(acc.state, "deepspeed_plugin", None)
+def zero_stage(accelerator) -> int:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return int(plugin.zero_stage) if plugin is not None else -1
 
 
@@ -43,7 +43,7 @@ def make_accelerator(cfg):
         cfg.train.idle_params = "step" if deepspeed else "keep"
     if deepspeed and per_task and precision == "fp16":
         raise ConfigError("train.precision=fp16 with per-task methods under DeepSpeed is not supported; use bf16")
-    # Per-task fp16 is scaled by step.LossScaler, so Accelerate must not add its own GradScaler.
+    # Per-task fp16 is scaled by optim/loss_scaler.LossScaler, so Accelerate must not add its own GradScaler.
     own_fp16 = per_task and precision == "fp16"
     # Under DDP a step that leaves some head or layer unused needs find_unused_parameters.
     unused = (cfg.train.schedule != "round_robin" or cfg.method.pairwise or cfg.method.arrp_batches > 0
@@ -51,21 +51,21 @@ def make_accelerator(cfg):
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=bool(unused))]
     if not cuda and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))  # else DeepSpeed on CPU asks for NCCL/oneCCL
-    acc = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="no" if own_fp16 else precision,
+    accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="no" if own_fp16 else precision,
                       kwargs_handlers=handlers, log_with="wandb" if cfg.log.wandb else None,
                       gradient_accumulation_steps=1,  # mtbert accumulates itself (engines.py)
                       step_scheduler_with_optimizer=False)  # else it steps N times per step on N processes
-    if per_task and zero_stage(acc) == 3:
+    if per_task and zero_stage(accelerator) == 3:
         raise ConfigError(f"method.name={cfg.method.name}: ZeRO-3 partitions the parameters themselves, so "
                           f"per-task gradients cannot be taken; use ZeRO-1/2 (accelerate_configs/zero2.yaml) "
                           f"or method.reducer=sharded under DDP")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if own_fp16 else None
-    return acc, autocast, LossScaler() if own_fp16 else None
+    return accelerator, autocast, LossScaler() if own_fp16 else None
 
 
-def configure_deepspeed(acc, cfg) -> None:
+def configure_deepspeed(accelerator, cfg) -> None:
     """Make the training config the single source of truth for DeepSpeed's batch and clipping."""
-    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
     ds = plugin.deepspeed_config
@@ -73,6 +73,6 @@ def configure_deepspeed(acc, cfg) -> None:
     # mtbert owns accumulation and marks the boundary itself (engines.DeepSpeedEngine), so the
     # engine must neither divide losses by its own count nor step only every grad_accum calls.
     ds["gradient_accumulation_steps"] = 1
-    ds["train_batch_size"] = cfg.data.batch_size * acc.num_processes
+    ds["train_batch_size"] = cfg.data.batch_size * accelerator.num_processes
     ds["gradient_clipping"] = float(cfg.train.grad_clip)  # 0.0 = off; DeepSpeed's own default is 1.0
     ds.setdefault("zero_allow_untested_optimizer", True)  # our torch AdamW

@@ -36,6 +36,7 @@ def gold_dev(run_dir: Path):
 
 
 def write_report(run_dir: Path, worst: int = 8) -> Path:
+    # (Longer than ~60 lines on purpose: the report is written top to bottom, a section per task.)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

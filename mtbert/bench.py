@@ -172,7 +172,7 @@ def bench_methods(ckpt: str, data_dir: str, quick: bool) -> list[dict]:
     from mtbert.model.bert import from_pretrained
     from mtbert.model.heads import MultitaskModel
     from mtbert.step import Stepper
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     variants = {"sum": [], "pcgrad": ["--method.name=pcgrad"], "pcgrad_no_stats": ["--method.name=pcgrad",
                 "--method.conflict_stats=false"], "gse": ["--method.name=gse"], "smart": ["--method.smart=true"],
                 "rr_pcgrad_smart": ["--method.name=pcgrad", "--method.smart=true"]}
@@ -185,13 +185,13 @@ def bench_methods(ckpt: str, data_dir: str, quick: bool) -> list[dict]:
         torch.manual_seed(0)
         enc, folder = from_pretrained(cfg.model.checkpoint, 0.0)
         specs = build_specs(cfg)
-        model = MultitaskModel(enc, specs, {t: HeadCfg(dropout=0.0) for t in specs}).to(acc.device)
+        model = MultitaskModel(enc, specs, {t: HeadCfg(dropout=0.0) for t in specs}).to(accelerator.device)
         if batches is None:
             batches = _task_batches(cfg, model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
-            batches = [{t: {k: v.to(acc.device) for k, v in b.items()} for t, b in bb.items()} for bb in batches]
+            batches = [{t: {k: v.to(accelerator.device) for k, v in b.items()} for t, b in bb.items()} for bb in batches]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        steppers[name] = Stepper(acc, model, opt, sched, cfg, list(specs))
+        steppers[name] = Stepper(accelerator, model, opt, sched, cfg, list(specs))
     phase = Phase(tuple(batches[0]), 1, 1, "bench")
     counter = {"i": 0}
 
@@ -275,8 +275,8 @@ def dist_worker(quick: bool, out: Path, data_dir: str) -> None:
     from mtbert.model.bert import from_pretrained
     from mtbert.model.heads import MultitaskModel
     from mtbert.step import Stepper
-    acc = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
-    assert acc.num_processes == 2, "the distributed benchmark needs 2 ranks"
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    assert accelerator.num_processes == 2, "the distributed benchmark needs 2 ranks"
     ckpt = _checkpoint(quick, Path(os.environ.get("TMPDIR", "/tmp")) / "mtbert-bench")
     variants = {"ddp_sum": ["--method.name=sum"], "pcgrad_allreduce": ["--method.name=pcgrad"],
                 "pcgrad_sharded": ["--method.name=pcgrad", "--method.reducer=sharded"]}
@@ -292,8 +292,8 @@ def dist_worker(quick: bool, out: Path, data_dir: str) -> None:
             batches = _task_batches(cfg, model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        model, opt = acc.prepare(model, opt)
-        steppers[name] = Stepper(acc, model, opt, sched, cfg, list(specs))
+        model, opt = accelerator.prepare(model, opt)
+        steppers[name] = Stepper(accelerator, model, opt, sched, cfg, list(specs))
     phase = Phase(tuple(batches[0]), 1, 1, "bench")
     moved = {}
     counter = {"i": 0}
@@ -301,17 +301,17 @@ def dist_worker(quick: bool, out: Path, data_dir: str) -> None:
     def make(name):
         def run():
             i = counter["i"] = counter["i"] + 1
-            stats = steppers[name].step(i, [batches[(i + acc.process_index) % len(batches)]], phase)
+            stats = steppers[name].step(i, [batches[(i + accelerator.process_index) % len(batches)]], phase)
             moved[name] = stats.get("comm_bytes")
         return run
     t = alternate({n: make(n) for n in variants}, 3 if quick else 5)
     P = sum(p.numel() for p in steppers["ddp_sum"].params)
-    moved["ddp_sum"] = 2 * P * 4 * (acc.num_processes - 1) // acc.num_processes  # DDP: one all-reduce of [P]
+    moved["ddp_sum"] = 2 * P * 4 * (accelerator.num_processes - 1) // accelerator.num_processes  # DDP: one all-reduce of [P]
     rows = [{"part": "dist", "config": n, "step_s": s, "vs_ddp_sum": s / t["ddp_sum"],
              "bytes_per_step_per_rank": moved[n]} for n, s in t.items()]
-    if acc.is_main_process:
+    if accelerator.is_main_process:
         out.write_text(json.dumps(rows))
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
 
 
 def print_table(rows: list[dict]) -> None:

@@ -6,7 +6,8 @@ gloo CPU tensors, so a tensor on any other device is a bug that would only show 
 multi-GPU run: ``Collectives`` refuses it with a message instead (``CollectiveDeviceError``).
 Choice: one process group per run (Accelerate's: NCCL on GPUs, gloo on CPU), not a mixed
 ``cpu:gloo,cuda:nccl`` group; small host values (flags, fingerprints) are moved to the run
-device before they are reduced.
+device before they are reduced. (The stop signal uses Accelerate's own trigger,
+``set_trigger``/``check_trigger``, which reduces on the run device itself.)
 
 ``ops`` is the backend (``torch.distributed`` by default); tests pass a recorder with the
 same four functions and a ``meta`` run device to prove what every collective receives
@@ -69,14 +70,6 @@ class Collectives:
         self.ops.all_gather_into_tensor(out, local)
 
     # -- host values (moved to the run device first) ----------------------------------------
-    def any_true(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is True on any rank."""
-        if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        self.all_reduce_sum_(t)
-        return bool(t.item() > 0)
-
     def all_equal(self, value: torch.Tensor) -> bool:
         """True if ``value`` (a small tensor) is bit-identical on every rank."""
         if self.world == 1:

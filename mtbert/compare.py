@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtbert.methods import registry
+
 METRIC_KEYS = ("acc", "pearson")
 
 
@@ -49,18 +51,13 @@ class RunSummary:
 
 
 def method_label(cfg: dict) -> str:
-    m, t = cfg.get("method", {}), cfg.get("train", {})
-    parts = [m.get("name", "sum")]
-    if t.get("schedule", "round_robin") != "round_robin":
-        parts.append(t["schedule"])
-    for flag, text in (("smart", "smart"), ("pairwise", "pairwise")):
-        if m.get(flag):
-            parts.append(text)
-    if m.get("arrp_batches"):
-        parts.append("arrp")
-    if cfg.get("model", {}).get("sharing"):
-        parts.append(cfg["model"]["sharing"])
-    return "+".join(parts)
+    """The method's title from the registry, plus a schedule or sharing no entry accounts for."""
+    title = registry.label(cfg)
+    schedule = cfg.get("train", {}).get("schedule", "round_robin")
+    shown = {"annealed": "A-PCGrad", "union": "V-PCGrad", "sequential": "sequential"}
+    if schedule != "round_robin" and shown.get(schedule, "?") not in title:
+        title = f"{title.replace(' (joint RR)', '')} + {schedule}"
+    return title
 
 
 def load_run(path: Path) -> RunSummary:

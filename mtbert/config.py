@@ -14,7 +14,6 @@ import dataclasses
 import difflib
 import inspect
 import json
-import os
 import sys
 import textwrap
 import typing
@@ -382,14 +381,21 @@ def parse_args(argv: list[str]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Reject impossible values and combinations before any work; messages name the field."""
-    def check_choice(path, value):
-        pattern = path if path in CHOICES else ".".join(p if j != 1 else "*" for j, p in enumerate(path.split(".")))
-        allowed = CHOICES.get(pattern)
-        if allowed is not None and value not in allowed:
-            raise ConfigError(f"{path}: {value!r} is not one of {sorted(allowed)}")
-
     for key, value in _flatten(to_dict(cfg)).items():
-        check_choice(key, value)
+        _check_choice(key, value)
+    _check_numbers(cfg)
+    _check_tasks(cfg)
+    _check_method(cfg)
+
+
+def _check_choice(path: str, value) -> None:
+    pattern = path if path in CHOICES else ".".join(p if j != 1 else "*" for j, p in enumerate(path.split(".")))
+    allowed = CHOICES.get(pattern)
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{path}: {value!r} is not one of {sorted(allowed)}")
+
+
+def _check_numbers(cfg: Config) -> None:
     t, d, m = cfg.train, cfg.data, cfg.method
     positive = {"data.batch_size": d.batch_size, "data.eval_batch_size": d.eval_batch_size,
                 "train.epochs": t.epochs, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
@@ -417,6 +423,10 @@ def validate(cfg: Config) -> None:
     except (ValueError, AssertionError):
         raise ConfigError(f"train.epoch_steps: `smallest`, `largest`, `sum`, a multiple like `2*largest`, "
                           f"or a positive integer, got {t.epoch_steps!r}") from None
+
+
+def _check_tasks(cfg: Config) -> None:
+    d, t = cfg.data, cfg.train
     if not d.tasks:
         raise ConfigError("data.tasks: name at least one task")
     if len(set(d.tasks)) != len(d.tasks):
@@ -435,7 +445,11 @@ def validate(cfg: Config) -> None:
     for name in t.train_tasks:
         if name not in d.tasks:
             raise ConfigError(f"train.train_tasks: {name!r} is not in data.tasks {d.tasks}")
-    trained = t.train_tasks or d.tasks
+
+
+def _check_method(cfg: Config) -> None:
+    t, m = cfg.train, cfg.method
+    trained = t.train_tasks or cfg.data.tasks
     multi = {"method.name": m.name in ("pcgrad", "gse"), "method.pairwise": m.pairwise,
              "method.arrp_batches": m.arrp_batches > 0}
     for path, on in multi.items():
@@ -459,7 +473,13 @@ def to_dict(cfg) -> dict:
 
 def help_text() -> str:
     lines = ["usage: accelerate launch mtbert/train.py [--preset NAME] [--config FILE] [--section.field=VALUE ...]",
-             "", f"presets: {', '.join(PRESETS)}", f"data: --data.dir or ${DATA_DIR_ENV}", ""]
+             "", f"presets: {', '.join(PRESETS)}", f"data: --data.dir or ${DATA_DIR_ENV}", "",
+             "methods (--preset NAME; mtbert/methods/registry.py):"]
+    from mtbert.methods.registry import METHODS
+    for name, spec in METHODS.items():
+        lines.append(textwrap.fill(f"{name}: {spec.title} — {spec.source}" + (f"; refuses {spec.refuses}" if spec.refuses
+                                   else ""), 96, initial_indent="  ", subsequent_indent="      "))
+    lines.append("")
     sections = [("model", ModelCfg), ("data", DataCfg), ("train", TrainCfg), ("method", MethodCfg),
                 ("log", LogCfg), ("heads.<task>", HeadCfg), ("task_defs.<name>", TaskDefCfg)]
     for prefix, cls in sections:
@@ -472,6 +492,3 @@ def help_text() -> str:
         lines.append("")
     return "\n".join(lines)
 
-
-def default_data_dir() -> str:
-    return os.environ.get(DATA_DIR_ENV, "")

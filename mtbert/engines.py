@@ -27,7 +27,7 @@ import torch
 class TorchEngine:
     def __init__(self, accelerator, model, optimizer, scheduler, params: list, clip: float, idle: str,
                  per_task: bool):
-        self.acc, self.model, self.sched, self.params = accelerator, model, scheduler, params
+        self.accelerator, self.model, self.sched, self.params = accelerator, model, scheduler, params
         self.clip, self.idle = clip or math.inf, idle
         # The per-task path unscales and clips itself, so it steps the bare torch optimizer
         # (Accelerate's wrapper would unscale a second time under fp16).
@@ -35,9 +35,9 @@ class TorchEngine:
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """One micro-batch of the summed path; DDP all-reduces only on the last one."""
-        sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
+        sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
         with sync:
-            self.acc.backward(loss)
+            self.accelerator.backward(loss)
 
     def step(self, per_task: bool, schedule: bool = True) -> tuple[torch.Tensor, bool]:
         """Clip, step unless the norm is not finite, zero; the LR scheduler steps once per
@@ -50,7 +50,7 @@ class TorchEngine:
         if per_task:
             norm = torch.nn.utils.clip_grad_norm_(with_grad, self.clip, foreach=True)
         else:
-            norm = self.acc.clip_grad_norm_(with_grad, self.clip)
+            norm = self.accelerator.clip_grad_norm_(with_grad, self.clip)
         norm = torch.as_tensor(float("nan") if norm is None else norm)
         applied = bool(torch.isfinite(norm))  # the step's one host sync
         if applied:

@@ -1,4 +1,7 @@
-"""Named presets: plain lists of overrides, applied before the user's own (``--preset NAME``)."""
+"""Named presets: plain lists of overrides, applied before the user's own (``--preset NAME``).
+One preset per method comes from the method registry (mtbert/methods/registry.py)."""
+
+from mtbert.methods.registry import method_presets
 
 PRESETS: dict[str, list[str]] = {
     "default": [],
@@ -8,15 +11,5 @@ PRESETS: dict[str, list[str]] = {
                "--heads.sst.layers=2", "--heads.quora.kind=cross", "--heads.sts.kind=cosine",
                "--heads.sts.weight=5", "--method.arrp_batches=50"],
     "frozen": ["--model.encoder=frozen", "--train.lr=1e-3"],
-    "pcgrad": ["--method.name=pcgrad"],
-    "gse": ["--method.name=gse"],
-    "rr_pcgrad": ["--method.name=pcgrad", "--train.schedule=round_robin"],
-    "arrp": ["--method.name=pcgrad", "--train.schedule=round_robin", "--method.arrp_batches=20",
-             "--method.arrp_freeze=all_but_head"],
-    "a_pcgrad": ["--method.name=pcgrad", "--train.schedule=annealed"],
-    "v_pcgrad": ["--method.name=pcgrad", "--train.schedule=union"],
-    "pairwise": ["--method.pairwise=true"],
-    "smart": ["--method.smart=true"],
-    "sequential": ["--train.schedule=sequential"],
-    "mops": ["--model.sharing=F2-S2-I2"],
+    **method_presets(),
 }

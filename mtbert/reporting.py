@@ -22,7 +22,7 @@ def _plain(v):
 
 class Reporter:
     def __init__(self, accelerator, run_dir: Path, cfg_dict: dict, use_wandb: bool, log_cfg=None):
-        self.acc, self.run_dir, self.main = accelerator, run_dir, accelerator.is_main_process
+        self.accelerator, self.run_dir, self.main = accelerator, run_dir, accelerator.is_main_process
         self.t0 = time.time()
         self.wandb = use_wandb
         if self.main:
@@ -52,7 +52,7 @@ class Reporter:
         if self.wandb:
             flat = {f"{record.get('split', 'train')}/{k}": v for k, v in record.items()
                     if isinstance(v, (int, float)) and k not in ("step",)}
-            self.acc.log(flat, step=record.get("step"))
+            self.accelerator.log(flat, step=record.get("step"))
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records of steps after the checkpoint (they are about to be redone)."""
@@ -77,5 +77,7 @@ class Reporter:
             os.replace(tmp, self.run_dir / name)
 
     def close(self) -> None:
-        if self.wandb:
-            self.acc.end_training()
+        """Finish the trackers and leave the process group (every rank, after a barrier: a rank
+        that exits with the group alive can abort in gloo's teardown while others still talk)."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()

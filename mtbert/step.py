@@ -14,16 +14,15 @@ Two paths:
   turns their Gram matrix into update weights, and ``w @ G`` becomes the shared ``.grad``.
   The forward runs on the unwrapped module, so DDP never sees several backward passes.
 
-fp16 in the per-task path uses ``LossScaler`` below rather than ``torch.amp.GradScaler``:
-GradScaler unscales the optimizer's ``.grad`` tensors, but here the per-task gradients live in
-buffer rows and must be unscaled *before* the dot products. A step whose Gram diagonal is
-not finite (inf/NaN in some task gradient) is skipped; the Gram matrix is all-reduced, so
-every rank takes the same decision.
+fp16 in the per-task path uses ``optim/loss_scaler.LossScaler`` (rows are unscaled before the
+dot products). A step whose Gram diagonal is not finite (inf/NaN in some task gradient) is
+skipped; the Gram matrix is all-reduced, so every rank takes the same decision.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -32,27 +31,12 @@ from mtbert.engines import DeepSpeedEngine, make_engine
 from mtbert.methods.smart import smart_loss
 from mtbert.optim.aggregators import conflict_stats, update_weights
 from mtbert.optim.gradients import GradientBuffers, make_reducer
+from mtbert.optim.loss_scaler import LossScaler
 
+if TYPE_CHECKING:  # annotations only: accelerate is imported by the caller
+    from accelerate import Accelerator
 
-class LossScaler:
-    """Dynamic loss scale: halve on overflow, double after ``growth_interval`` good steps."""
-
-    def __init__(self, scale: float = 2.0 ** 16, growth_interval: int = 2000):
-        self.scale, self.growth_interval, self.good = scale, growth_interval, 0
-
-    def update(self, overflow: bool) -> None:
-        if overflow:
-            self.scale, self.good = self.scale / 2, 0
-        else:
-            self.good += 1
-            if self.good % self.growth_interval == 0:
-                self.scale *= 2
-
-    def state_dict(self):
-        return {"scale": self.scale, "good": self.good}
-
-    def load_state_dict(self, s):
-        self.scale, self.good = s["scale"], s["good"]
+    from mtbert.config import Config
 
 
 @dataclass
@@ -78,29 +62,30 @@ class Stepper:
     """The method: per-step losses, per-task gradients, reduction, weights; the engine
     (engines.py) hands the result to the optimizer."""
 
-    def __init__(self, accelerator, model, optimizer, scheduler, cfg, tasks: list[str], collectives=None,
-                 autocast=None, scaler: LossScaler | None = None):
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler, cfg: Config, tasks: list[str], collectives: Collectives | None = None,
+                 autocast: Callable | None = None, scaler: LossScaler | None = None):
         collectives = collectives or Collectives(accelerator.num_processes, accelerator.device)
-        self.acc, self.model, self.cfg = accelerator, model, cfg
-        self.net = accelerator.unwrap_model(model)  # the MultitaskModel itself
+        self.accelerator, self.model, self.cfg = accelerator, model, cfg
+        self.module = accelerator.unwrap_model(model)  # the MultitaskModel itself
         self.autocast = autocast or accelerator.autocast
         self.scaler = scaler
         self.per_task = cfg.method.name not in ("sum", "mean")
-        self.params = [p for p in self.net.parameters() if p.requires_grad]
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.engine = make_engine(accelerator, model, optimizer, scheduler, self.params, cfg, self.per_task)
         self.deepspeed = isinstance(self.engine, DeepSpeedEngine)
         self.tasks = list(tasks)
         if self.per_task:
-            self.buffers = GradientBuffers(self.net, tasks, collectives.world)
+            self.buffers = GradientBuffers(self.module, tasks, collectives.world)
             self.reducer = make_reducer(cfg.method.reducer, collectives)
 
     def _task_loss(self, task, batch, out, share, phase, noise_seed):
         """share x loss scale x (task loss [+ SMART]) for head output ``out``."""
         with self.autocast():
-            loss = self.net.heads[task].loss(out, batch["labels"])
+            loss = self.module.heads[task].loss(out, batch["labels"])
             if self.cfg.method.smart:
                 m = self.cfg.method
-                loss = loss + m.smart_weight * smart_loss(self.net, task, batch, out, m.smart_noise, m.smart_step,
+                loss = loss + m.smart_weight * smart_loss(self.module, task, batch, out, m.smart_noise, m.smart_step,
                                                           m.smart_steps, noise_seed, phase.head_only)
         return loss * (share * phase.loss_scale)
 
@@ -145,39 +130,20 @@ class Stepper:
         """ARRP head-only batches: the encoder output was detached, so only the head has a
         gradient; shared .grad views hold zeros, which must read as "no gradient"."""
         if phase.head_only and not self.deepspeed:
-            head = {id(p) for p in self.net.heads[phase.tasks[0]].parameters()}
+            head = {id(p) for p in self.module.heads[phase.tasks[0]].parameters()}
             for p in self.params:
                 if id(p) not in head:
                     p.grad = None
 
     def _per_task_step(self, step, micro_batches, phase):
+        """Per-task rows -> reducer -> Gram -> weights -> update(s) through the engine."""
         # Every task planned in any micro-batch is in the step, in the run's task order: the
         # plan is global, so every rank zeroes, reduces and combines the same rows.
         planned = {t for mb in micro_batches for t in mb.batches}
         present = [t for t in self.tasks if t in planned]
-        buf, n = self.buffers, len(micro_batches)
-        buf.start(present, attach=not self.deepspeed)
-        scale = self.scaler.scale if self.scaler else 1.0
-        losses = {}
-        for i, mb in enumerate(micro_batches):
-            for t, b in mb.batches.items():
-                with self.autocast():
-                    out = self.net(t, b, head_only=phase.head_only)
-                loss = self._task_loss(t, b, out, mb.shares[t], phase, self._noise_seed(step, i, t)) / n
-                if self.deepspeed:  # DeepSpeed's gradient hooks would take .grad: ask autograd directly
-                    params = buf.shared + buf.private[t]
-                    buf.accumulate(t, torch.autograd.grad(loss * scale, params, allow_unused=True))
-                else:
-                    buf.point_to(t)  # shared .grad now view row t of the flat buffer
-                    (loss * scale).backward()
-                losses[t] = losses.get(t, 0) + loss.detach()
-        rows = buf.rows(present)
-        private = [buf.priv_flat[t] for t in present]
-        if self.scaler:  # unscale before any dot product
-            rows.div_(scale)
-            for f in private:
-                f.div_(scale)
-        gram, local_rows, moved = self.reducer.reduce(rows, private)
+        losses = self._per_task_gradients(step, micro_batches, phase, present)
+        rows = self.buffers.rows(present)  # [k, P_pad]
+        gram, local_rows, moved = self.reducer.reduce(rows, [self.buffers.priv_flat[t] for t in present])
         stats = {f"loss/{t}": v for t, v in losses.items()}
         stats["comm_bytes"] = moved
         finite = bool(torch.isfinite(gram.diagonal()).all())  # identical on every rank
@@ -187,29 +153,58 @@ class Stepper:
             self.engine.skip()
             stats["skipped"], stats["grad_norm"] = True, torch.tensor(float("nan"))
             return stats
-        gram_cpu = gram.cpu()
+        gram_cpu = gram.cpu()  # [k, k] float64
         updates = update_weights(self.cfg.method.name, gram_cpu, seeded_generator(self.cfg.train.seed, step),
                                  self.cfg.method.pcgrad_reduction)
         if self.cfg.method.conflict_stats and len(present) > 1:
             stats.update({f"conflict/{k}": v for k, v in conflict_stats(gram_cpu, updates[0]).items()})
         for j, w in enumerate(updates):  # GSE makes two updates from the same gradients
-            buf.set_update(w, local_rows)
-            stats["comm_bytes"] += self.reducer.finish(buf.update)
-            last = j == len(updates) - 1
-            if self.deepspeed:
-                stats["grad_norm"], applied = self.engine.hand_over(self._combined_pairs(present, phase), last)
-            else:
-                buf.attach_update()
-                # The first update's clipping scales .grad in place, and the private .grad are
-                # the buffers themselves: the second update needs them unclipped, so copy.
-                keep = [] if last else [(p, None if p.grad is None else p.grad.clone())
-                                        for ps in buf.private.values() for p in ps]
-                self._clear_frozen(phase)
-                stats["grad_norm"], applied = self.engine.step(per_task=True, schedule=last)
-                for p, g in keep:  # the private grads serve the second update as well
-                    p.grad = g
+            self.buffers.set_update(w, local_rows)
+            stats["comm_bytes"] += self.reducer.finish(self.buffers.update)
+            stats["grad_norm"], applied = self._apply_update(present, phase, last=j == len(updates) - 1)
             stats["skipped"] = not applied
         return stats
+
+    def _per_task_gradients(self, step, micro_batches, phase, present) -> dict:
+        """Each task's backward into its row (unscaled under fp16). -> task losses (detached)."""
+        buf, n = self.buffers, len(micro_batches)
+        buf.start(present, attach=not self.deepspeed)
+        scale = self.scaler.scale if self.scaler else 1.0
+        losses = {}
+        for i, mb in enumerate(micro_batches):
+            for t, b in mb.batches.items():
+                with self.autocast():
+                    out = self.module(t, b, head_only=phase.head_only)
+                loss = self._task_loss(t, b, out, mb.shares[t], phase, self._noise_seed(step, i, t)) / n
+                if self.deepspeed:  # DeepSpeed's gradient hooks would take .grad: ask autograd directly
+                    params = buf.shared + buf.private[t]
+                    buf.accumulate(t, torch.autograd.grad(loss * scale, params, allow_unused=True))
+                else:
+                    buf.point_to(t)  # shared .grad now view row t of the flat buffer
+                    (loss * scale).backward()
+                losses[t] = losses.get(t, 0) + loss.detach()
+        if self.scaler:  # unscale before any dot product (rows() may be a copy: unscale G itself)
+            for t in present:
+                buf.G[buf.tasks.index(t)].div_(scale)
+                buf.priv_flat[t].div_(scale)
+        return losses
+
+    def _apply_update(self, present, phase, last: bool):
+        """The update in ``buffers.update`` (+ the present tasks' private gradients) through the
+        engine. -> (pre-clip norm, applied)."""
+        if self.deepspeed:
+            return self.engine.hand_over(self._combined_pairs(present, phase), last)
+        buf = self.buffers
+        buf.attach_update()
+        # The first GSE update's clipping scales .grad in place, and the private .grad are the
+        # buffers themselves: the second update needs them unclipped, so copy.
+        keep = [] if last else [(p, None if p.grad is None else p.grad.clone())
+                                for ps in buf.private.values() for p in ps]
+        self._clear_frozen(phase)
+        norm, applied = self.engine.step(per_task=True, schedule=last)
+        for p, g in keep:  # the private grads serve the second update as well
+            p.grad = g
+        return norm, applied
 
     def _combined_pairs(self, present, phase):
         """(parameter, combined gradient) for the DeepSpeed hand-over; under ARRP's head-only
@@ -218,6 +213,6 @@ class Stepper:
         pairs = list(zip(buf.shared, buf.update_views))
         pairs += [(p, g) for t in present for p, g in zip(buf.private[t], buf.priv_views[t])]
         if phase.head_only:
-            head = {id(p) for p in self.net.heads[phase.tasks[0]].parameters()}
+            head = {id(p) for p in self.module.heads[phase.tasks[0]].parameters()}
             pairs = [(p, g) for p, g in pairs if id(p) in head]
         return pairs

@@ -1,11 +1,15 @@
-"""Multitask BERT fine-tuning: setup -> training loop -> evaluation and predictions.
+"""Multitask BERT fine-tuning: setup -> fit -> finish.
 
     accelerate launch mtbert/train.py                       # packaged sample data, minutes on CPU
     accelerate launch mtbert/train.py --preset recipe       # the real CS224N files
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml mtbert/train.py --method.name=pcgrad
 
-Everything distributed goes through Accelerate (``accelerator.prepare``) or, for the per-task
-gradient methods, through the reducer in optim/gradients.py; the model code knows nothing of it.
+- ``setup``: config -> Accelerator, model, data, sampler, phases, optimizer, Stepper, resume.
+- ``fit``: the phases, step by step: plan -> this rank's micro-batches -> ``Stepper.step`` ->
+  log / evaluate / checkpoint / stop on a signal.
+- ``finish``: final weights, replica check, the best checkpoint's predictions, summary.json.
+Everything distributed goes through Accelerate (``accelerator.prepare``), the engines
+(engines.py) and the collectives (collectives.py); the model code knows nothing of it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import resource
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,12 +26,12 @@ import torch
 from mtbert import checkpoint as ckpt
 from mtbert.accelerator import configure_deepspeed, make_accelerator, zero_stage
 from mtbert.collectives import Collectives
-from mtbert.config import ConfigError, HeadCfg, parse_args, to_dict
-from mtbert.data.batching import load_split
+from mtbert.config import Config, ConfigError, HeadCfg, parse_args, to_dict
+from mtbert.data.batching import TokenizedSplit, load_split
 from mtbert.data.sampler import ShardedTaskSampler, plan_step
-from mtbert.data.tasks import build_specs
+from mtbert.data.tasks import TaskSpec, build_specs
 from mtbert.evaluate import evaluate, predict, write_predictions
-from mtbert.methods.phases import build_phases
+from mtbert.methods.phases import Phase, build_phases
 from mtbert.model.bert import count_params, from_pretrained
 from mtbert.model.heads import MultitaskModel
 from mtbert.replicas import ranks_agree
@@ -35,6 +40,56 @@ from mtbert.step import MicroBatch, Stepper
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint; requeue me
 EXIT_NUMERICS = 3  # too many non-finite steps in a row
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint (with the sampler's and scaler's state)."""
+
+    step: int = 0
+    best: float = -1.0  # best dev overall so far
+    bad_streak: int = 0  # non-finite steps in a row
+    evaluated: int = -1  # step of the last phase-end evaluation
+
+
+@dataclass
+class LogWindow:
+    """What the next train metrics line averages: time, examples, tokens, step stats."""
+
+    t0: float = field(default_factory=time.time)
+    examples: int = 0
+    tokens: int = 0
+    stats: dict[str, list] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """Everything ``setup`` builds and ``fit``/``finish`` use."""
+
+    cfg: Config
+    accelerator: object  # accelerate.Accelerator
+    reporter: Reporter
+    collectives: Collectives
+    specs: dict[str, TaskSpec]
+    module: MultitaskModel  # the model itself (unwrapped)
+    model: torch.nn.Module  # as prepared by Accelerate (DDP / DeepSpeed engine / the module)
+    train: dict[str, TokenizedSplit]
+    dev: dict[str, TokenizedSplit | None]
+    test: dict[str, TokenizedSplit | None]
+    sampler: ShardedTaskSampler
+    phases: list[Phase]
+    total: int  # optimizer steps of the whole run
+    scheduler: object
+    stepper: Stepper
+    autocast: object = None
+    scaler: object = None
+    state: TrainState = field(default_factory=TrainState)
+    resumed: bool = False
+    sizes: dict = field(default_factory=dict)  # parameter counts and memory estimate for summary.json
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.train.out_dir)
 
 
 def param_groups(model, cfg):
@@ -52,20 +107,11 @@ def param_groups(model, cfg):
     return list(groups.values())
 
 
-class StopFlag:
-    """SIGTERM / SIGUSR1 ask for a checkpoint and a clean exit at the next step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def agreed(self, collectives: Collectives) -> bool:
-        """True on every rank if any rank was signalled (all ranks must stop at the same step)."""
-        return collectives.any_true(self.requested)
+def install_stop_signals(accelerator) -> None:
+    """SIGTERM / SIGUSR1 ask for a checkpoint and a clean exit at the next step boundary:
+    Accelerate's trigger, which ``check_trigger`` reduces over ranks (all stop at one step)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: accelerator.set_trigger())
 
 
 def global_mean_losses(stats: dict[str, list], coll: Collectives) -> None:
@@ -82,198 +128,248 @@ def global_mean_losses(stats: dict[str, list], coll: Collectives) -> None:
         stats[k] = [total / n] * n
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        acc, autocast, scaler = make_accelerator(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    world, rank, device = acc.num_processes, acc.process_index, acc.device
-    coll = Collectives(world, device)  # every torch.distributed call goes through it
-    run_dir = Path(cfg.train.out_dir)
-    out = Reporter(acc, run_dir, to_dict(cfg), cfg.log.wandb, cfg.log)
-    from accelerate.utils import set_seed
-    set_seed(cfg.train.seed)
+# ---- setup ---------------------------------------------------------------------------------
 
-    # ---- model and tokenizer -------------------------------------------------------------
-    from transformers import AutoTokenizer
+def build_model(cfg: Config, reporter: Reporter, world: int, device):
+    """-> (MultitaskModel, checkpoint folder, task specs, sizes for summary.json)."""
     encoder, folder = from_pretrained(cfg.model.checkpoint, cfg.model.dropout)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
     specs = build_specs(cfg)
-    model = MultitaskModel(encoder, specs, {t: cfg.heads.get(t, HeadCfg()) for t in specs},
-                           cfg.model.sharing, frozen=cfg.model.encoder == "frozen")
+    module = MultitaskModel(encoder, specs, {t: cfg.heads.get(t, HeadCfg()) for t in specs},
+                            cfg.model.sharing, frozen=cfg.model.encoder == "frozen")
     if cfg.model.init_weights:
         from safetensors.torch import load_file
-        model.load_state_dict(load_file(cfg.model.init_weights))
-    n_params, n_train = count_params(model), count_params(model, trainable_only=True)
+        module.load_state_dict(load_file(cfg.model.init_weights))
+    n_params, n_train = count_params(module), count_params(module, trainable_only=True)
     # fp32 weights (4 B) of every parameter + grad and two AdamW moments (12 B) of trainable ones
     state_mb = (4 * n_params + 12 * n_train) / 2 ** 20
-    out.print(f"model: {cfg.model.checkpoint} ({folder}), {n_params / 1e6:.1f}M params "
-              f"({n_train / 1e6:.1f}M trainable, ~{state_mb:.0f} MiB weights+grads+AdamW), sharing "
-              f"(frozen, shared, per-task) = {model.sharing}, {world} process(es) on {device}")
+    reporter.print(f"model: {cfg.model.checkpoint} ({folder}), {n_params / 1e6:.1f}M params "
+                   f"({n_train / 1e6:.1f}M trainable, ~{state_mb:.0f} MiB weights+grads+AdamW), sharing "
+                   f"(frozen, shared, per-task) = {module.sharing}, {world} process(es) on {device}")
+    sizes = {"params": n_params, "trainable_params": n_train, "train_state_mib": round(state_mb, 1)}
+    return module, folder, specs, sizes
 
-    # ---- data: every split read, checked and tokenized once ------------------------------
-    # Tasks outside train.train_tasks (per-task fine-tunes) are neither trained nor evaluated.
-    train, dev, test = {}, {}, {}
+
+def load_data(cfg: Config, specs: dict, module: MultitaskModel, folder: Path, reporter: Reporter):
+    """Every split read, checked and tokenized once -> (train, dev, test) dicts by task.
+    Tasks outside train.train_tasks (per-task fine-tunes) are neither trained nor evaluated."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+    splits = {"train": {}, "dev": {}, "test": {}}
     for t, spec in specs.items():
         if cfg.train.train_tasks and t not in cfg.train.train_tasks:
             continue
-        kind = model.heads[t].kind
-        train[t] = load_split(spec, "train", cfg, tokenizer, kind, out.print)
-        dev[t] = load_split(spec, "dev", cfg, tokenizer, kind, out.print)
-        test[t] = load_split(spec, "test", cfg, tokenizer, kind, out.print)
+        for name, out in splits.items():
+            out[t] = load_split(spec, name, cfg, tokenizer, module.heads[t].kind, reporter.print)
+    return splits["train"], splits["dev"], splits["test"]
+
+
+def setup(cfg: Config, accelerator, autocast, scaler) -> Run:
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    coll = Collectives(world, device)  # every torch.distributed call goes through it
+    reporter = Reporter(accelerator, Path(cfg.train.out_dir), to_dict(cfg), cfg.log.wandb, cfg.log)
+    from accelerate.utils import set_seed
+    set_seed(cfg.train.seed)
+    module, folder, specs, sizes = build_model(cfg, reporter, world, device)
+    train, dev, test = load_data(cfg, specs, module, folder, reporter)
     B = cfg.data.batch_size
     sampler = ShardedTaskSampler({t: s.lengths() for t, s in train.items()}, cfg.train.seed, world, rank,
                                  B, cfg.data.bucket)
-    batches = {t: max(1, s.batches_per_epoch()) for t, s in sampler.streams.items()}
-    phases = build_phases(cfg, batches)
+    phases = build_phases(cfg, {t: max(1, s.batches_per_epoch()) for t, s in sampler.streams.items()})
     total = sum(p.steps for p in phases)
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    out.print(f"{len(phases)} phase(s), {total} steps; global batch {B * world} per task")
+    total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+    reporter.print(f"{len(phases)} phase(s), {total} steps; global batch {B * world} per task")
 
-    # ---- optimizer, schedule, distributed wrapping ---------------------------------------
     from transformers import get_scheduler
     # Fused AdamW: 5.2x faster than foreach on this CPU (18 vs 92 ms per step, mtbert.bench).
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr, fused=True)
+    optimizer = torch.optim.AdamW(param_groups(module, cfg), lr=cfg.train.lr, fused=True)
     sched_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.train.lr_schedule]
     scheduler = get_scheduler(sched_name, optimizer, int(cfg.train.warmup * total), total)
     if cfg.train.compile:
-        model.encoder = torch.compile(model.encoder)
-    configure_deepspeed(acc, cfg)  # no-op without DeepSpeed
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    stepper = Stepper(acc, model, optimizer, scheduler, cfg, list(specs), coll, autocast, scaler)
-    net = stepper.net
+        module.encoder = torch.compile(module.encoder)
+    configure_deepspeed(accelerator, cfg)  # no-op without DeepSpeed
+    model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    stepper = Stepper(accelerator, model, optimizer, scheduler, cfg, list(specs), coll, autocast, scaler)
+    run = Run(cfg, accelerator, reporter, coll, specs, stepper.module, model, train, dev, test, sampler, phases,
+              total, scheduler, stepper, autocast, scaler, sizes=sizes)
+    resume(run)
+    install_stop_signals(accelerator)
+    return run
 
-    # ---- resume --------------------------------------------------------------------------
-    step, best, bad_streak, evaluated = 0, -1.0, 0, -1  # evaluated: step of the last phase-end eval
-    found = ckpt.list_checkpoints(run_dir) if cfg.train.resume else []
-    if found:
-        state = ckpt.load_checkpoint(acc, found[-1])
-        step, best, bad_streak, evaluated = state["step"], state["best"], state["bad_streak"], state["evaluated"]
-        sampler.load_state_dict(state["sampler"])
-        if scaler and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        out.truncate_after(step)
-        out.print(f"resumed from {found[-1]} at step {step}")
 
-    def save(step):
-        state = {"step": step, "best": best, "bad_streak": bad_streak, "evaluated": evaluated,
-                 "sampler": sampler.state_dict(),
-                 "scaler": scaler.state_dict() if scaler else None}
-        ckpt.save_checkpoint(acc, run_dir, step, state, cfg.train.keep_last)
+def resume(run: Run) -> None:
+    """Continue from the newest checkpoint in the run directory, if any (and train.resume)."""
+    found = ckpt.list_checkpoints(run.run_dir) if run.cfg.train.resume else []
+    if not found:
+        return
+    saved = ckpt.load_checkpoint(run.accelerator, found[-1])
+    run.state = TrainState(saved["step"], saved["best"], saved["bad_streak"], saved["evaluated"])
+    run.sampler.load_state_dict(saved["sampler"])
+    if run.scaler and saved.get("scaler"):
+        run.scaler.load_state_dict(saved["scaler"])
+    run.reporter.truncate_after(run.state.step)
+    run.reporter.print(f"resumed from {found[-1]} at step {run.state.step}")
+    run.resumed = True
 
-    def run_eval(step, label):
-        nonlocal best
-        metrics, overall, _ = evaluate(net, dev, specs, cfg.data.eval_batch_size, device, autocast, coll, rank)
-        record = {"step": step, "split": "dev", "phase": label, "overall": overall}
-        record.update({f"{t}/{k}": v for t, m in metrics.items() for k, v in m.items()})
-        out.log(record)
-        out.print(f"[dev] step {step} ({label}): overall {overall:.4f} | " +
-                  " ".join(f"{t} {v:.4f}" for t, m in metrics.items() for k, v in m.items() if k != "score"))
-        if overall > best:
-            best = overall
-            ckpt.save_weights(acc, model, run_dir / "best", {"step": step, "overall": overall, "metrics": metrics})
 
-    # ---- training loop -------------------------------------------------------------------
-    stop = StopFlag()
-    if step == 0 and not found:
-        run_eval(0, "start")
+# ---- fit -----------------------------------------------------------------------------------
+
+def save(run: Run) -> None:
+    state = {**vars(run.state), "sampler": run.sampler.state_dict(),
+             "scaler": run.scaler.state_dict() if run.scaler else None}
+    ckpt.save_checkpoint(run.accelerator, run.run_dir, run.state.step, state, run.cfg.train.keep_last)
+
+
+def evaluate_dev(run: Run, label: str) -> None:
+    """Dev metrics -> metrics.jsonl and the console; a new best overall saves best/."""
+    step = run.state.step
+    metrics, overall, _ = evaluate(run.module, run.dev, run.specs, run.cfg.data.eval_batch_size,
+                                   run.accelerator.device, run.autocast, run.collectives,
+                                   run.accelerator.process_index)
+    record = {"step": step, "split": "dev", "phase": label, "overall": overall}
+    record.update({f"{t}/{k}": v for t, m in metrics.items() for k, v in m.items()})
+    run.reporter.log(record)
+    run.reporter.print(f"[dev] step {step} ({label}): overall {overall:.4f} | " +
+                       " ".join(f"{t} {v:.4f}" for t, m in metrics.items() for k, v in m.items() if k != "score"))
+    if overall > run.state.best:
+        run.state.best = overall
+        ckpt.save_weights(run.accelerator, run.model, run.run_dir / "best",
+                          {"step": step, "overall": overall, "metrics": metrics})
+
+
+def micro_batches(run: Run, phase: Phase, window: LogWindow) -> list[MicroBatch]:
+    """This rank's ``grad_accum`` micro-batches of the current step."""
+    cfg, world = run.cfg, run.collectives.world
+    active = {t: len(run.train[t]) for t in phase.tasks}
+    out = []
+    for a in range(cfg.train.grad_accum):
+        # The plan counts examples of the global batch (B x world): world-independent.
+        plan = plan_step(cfg.train.schedule, cfg.train.seed, run.state.step * cfg.train.grad_accum + a, active,
+                         cfg.data.batch_size * world, phase.epoch, cfg.train.epochs, cfg.train.temperature)
+        idx = run.sampler.next(plan, union=cfg.train.schedule == "union")
+        shares = {t: len(idx[t]) * world / n for t, n in plan.items()}
+        idx = {t: i or run.sampler.placeholder(t) for t, i in idx.items()}  # share 0: see MicroBatch
+        out.append(MicroBatch({t: run.train[t].batch(i, run.accelerator.device) for t, i in idx.items()}, shares))
+        window.examples += sum(plan.values())
+        window.tokens += sum(run.train[t].token_count(i) for t, i in idx.items() if shares[t]) * world
+    return out
+
+
+def log_train(run: Run, phase: Phase, window: LogWindow) -> LogWindow:
+    """Write the window's train metrics line; return a fresh window."""
+    dt = time.time() - window.t0
+    record = {"step": run.state.step, "split": "train", "phase": phase.label, "epoch": phase.epoch,
+              "lr": run.scheduler.get_last_lr()[0], "examples_per_s": window.examples / dt,
+              "tokens_per_s": window.tokens / dt}
+    global_mean_losses(window.stats, run.collectives)
+    for k, vs in window.stats.items():
+        vals = [float(v) for v in vs]
+        record[k] = sum(vals) if k in ("skipped", "comm_bytes") else sum(vals) / len(vals)
+    run.reporter.log(record)
+    return LogWindow()
+
+
+def train_phase(run: Run, phase: Phase, phase_end: int, bar) -> int:
+    """Steps until the phase ends; -> 0, or the exit code that stops the run."""
+    cfg, state = run.cfg, run.state
+    window = LogWindow()
+    run.module.train()
+    while state.step < phase_end:
+        stats = run.stepper.step(state.step, micro_batches(run, phase, window), phase)
+        state.step += 1
+        bar.update(1)
+        state.bad_streak = state.bad_streak + 1 if stats.get("skipped") else 0
+        for k, v in stats.items():
+            window.stats.setdefault(k, []).append(v)
+        if state.step % cfg.train.log_every == 0 or state.step == phase_end:
+            window = log_train(run, phase, window)
+        if state.bad_streak >= cfg.train.max_bad_steps:
+            run.reporter.print(f"error: {state.bad_streak} steps in a row had a non-finite loss or gradient "
+                               f"(step {state.step}); stopping. The last good checkpoint in "
+                               f"{run.run_dir / 'checkpoints'} is intact; lower train.lr or check the data.")
+            return EXIT_NUMERICS
+        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < phase_end:
+            evaluate_dev(run, phase.label)
+        if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0 and state.step < phase_end:
+            save(run)  # (a phase end saves after its evaluation, in fit)
+        if run.accelerator.check_trigger():
+            save(run)
+            run.reporter.print(f"stop requested: checkpoint at step {state.step} written; exiting with {EXIT_PREEMPTED}")
+            run.reporter.mark_stopped(state.step)  # launchers (accelerate, torchrun) do not pass our exit code on
+            return EXIT_PREEMPTED
+    return 0
+
+
+def fit(run: Run) -> int:
+    """Every phase to the end (or to a stop); -> 0 or the exit code."""
+    cfg, state = run.cfg, run.state
+    if not run.resumed:
+        evaluate_dev(run, "start")
     from tqdm.auto import tqdm
-    bar = tqdm(total=total, initial=step, disable=not (acc.is_main_process and cfg.train.progress), desc="train")
-    t_log, n_examples, n_tokens, acc_stats = time.time(), 0, 0, {}
-    phase_end = 0
-    code = 0
-    for phase in phases:
-        phase_end = min(phase_end + phase.steps, total)
-        if step > phase_end or (step == phase_end and evaluated >= phase_end):
+    bar = tqdm(total=run.total, initial=state.step, desc="train",
+               disable=not (run.accelerator.is_main_process and cfg.train.progress))
+    phase_end, code = 0, 0
+    for phase in run.phases:
+        phase_end = min(phase_end + phase.steps, run.total)
+        if state.step > phase_end or (state.step == phase_end and state.evaluated >= phase_end):
             continue  # done before a resume (a stop exactly at a phase end still gets its evaluation)
-        active = {t: len(train[t]) for t in phase.tasks}
-        net.train()
-        while step < phase_end:
-            micro = []
-            for a in range(cfg.train.grad_accum):
-                # The plan counts examples of the global batch (B x world): world-independent.
-                plan = plan_step(cfg.train.schedule, cfg.train.seed, step * cfg.train.grad_accum + a, active,
-                                 B * world, phase.epoch, cfg.train.epochs, cfg.train.temperature)
-                idx = sampler.next(plan, union=cfg.train.schedule == "union")
-                shares = {t: len(idx[t]) * world / n for t, n in plan.items()}
-                idx = {t: i or sampler.placeholder(t) for t, i in idx.items()}  # share 0: see MicroBatch
-                micro.append(MicroBatch({t: train[t].batch(i, device) for t, i in idx.items()}, shares))
-                n_examples += sum(plan.values())
-                n_tokens += sum(train[t].token_count(i) for t, i in idx.items() if shares[t]) * world
-            stats = stepper.step(step, micro, phase)
-            step += 1
-            bar.update(1)
-            bad_streak = bad_streak + 1 if stats.get("skipped") else 0
-            for k, v in stats.items():
-                acc_stats.setdefault(k, []).append(v)
-            if step % cfg.train.log_every == 0 or step == phase_end:
-                dt = time.time() - t_log
-                record = {"step": step, "split": "train", "phase": phase.label, "epoch": phase.epoch,
-                          "lr": scheduler.get_last_lr()[0], "examples_per_s": n_examples / dt,
-                          "tokens_per_s": n_tokens / dt}
-                global_mean_losses(acc_stats, coll)
-                for k, vs in acc_stats.items():
-                    vals = [float(v) for v in vs]
-                    record[k] = sum(vals) if k in ("skipped", "comm_bytes") else sum(vals) / len(vals)
-                out.log(record)
-                t_log, n_examples, n_tokens, acc_stats = time.time(), 0, 0, {}
-            if bad_streak >= cfg.train.max_bad_steps:
-                out.print(f"error: {bad_streak} steps in a row had a non-finite loss or gradient (step {step}); "
-                          f"stopping. The last good checkpoint in {run_dir / 'checkpoints'} is intact; "
-                          f"lower train.lr or check the data.")
-                code = EXIT_NUMERICS
-                break
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < phase_end:
-                run_eval(step, phase.label)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < phase_end:
-                save(step)  # (a phase end saves after its evaluation, below)
-            if stop.agreed(coll):
-                save(step)
-                out.print(f"stop requested: checkpoint at step {step} written; exiting with {EXIT_PREEMPTED}")
-                out.mark_stopped(step)  # launchers (accelerate, torchrun) do not pass our exit code on
-                code = EXIT_PREEMPTED
-                break
+        code = train_phase(run, phase, phase_end, bar)
         if code:
             break
-        if phase.eval_after or step == total:
-            run_eval(step, phase.label)
-            evaluated = step
-            save(step)
-        elif cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-            save(step)
-        if step >= total:
+        if phase.eval_after or state.step == run.total:
+            evaluate_dev(run, phase.label)
+            state.evaluated = state.step
+            save(run)
+        elif cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+            save(run)
+        if state.step >= run.total:
             break
     bar.close()
-    if code:
-        out.close()
-        return code
+    return code
 
-    # ---- final: last weights, replica check, best model's dev and test predictions ------
-    ckpt.save_weights(acc, model, run_dir / "final", {"step": step})
-    agree = ranks_agree(net, coll) if zero_stage(acc) != 3 else None  # ZeRO-3: each rank holds a shard
+
+# ---- finish --------------------------------------------------------------------------------
+
+def finish(run: Run) -> None:
+    """Final weights, replica check, the best model's dev and test predictions, summary.json."""
+    accelerator, run_dir, world = run.accelerator, run.run_dir, run.collectives.world
+    ckpt.save_weights(accelerator, run.model, run_dir / "final", {"step": run.state.step})
+    sharded = zero_stage(accelerator) == 3  # ZeRO-3: each rank holds a shard of the parameters
+    agree = None if sharded else ranks_agree(run.module, run.collectives)
     if agree is False:
-        out.print("error: the processes ended with different parameters; the launch is not data-parallel")
-    info = ckpt.load_best(net, run_dir) if zero_stage(acc) != 3 else None
-    for split_name, splits in (("dev", dev), ("test", test)):
+        run.reporter.print("error: the processes ended with different parameters; the launch is not data-parallel")
+    info = None if sharded else ckpt.load_best(run.module, run_dir)
+    for split_name, splits in (("dev", run.dev), ("test", run.test)):
         for t, split in splits.items():
             if split is None:
                 continue
-            preds = predict(net, split, cfg.data.eval_batch_size, device, autocast, coll, rank)
-            if acc.is_main_process:
-                write_predictions(run_dir / "predictions" / f"{specs[t].pred_name}-{split_name}-output.csv",
-                                  specs[t].pred_header, split.ids, preds, net.heads[t].regression)
-    out.write_json("summary.json", {"steps": step, "best": info, "wall_s": round(time.time() - out.t0, 1),
-                                    "processes": world, "params_agree_across_ranks": agree,
-                                    "params": n_params, "trainable_params": n_train, "train_state_mib": round(state_mb, 1),
-                                    "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                                    "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
-                                    if torch.cuda.is_available() else None})
-    out.print(f"done: best dev overall {best:.4f} at step {info['step'] if info else '?'}; outputs in {run_dir}")
-    out.close()
-    return 0
+            preds = predict(run.module, split, run.cfg.data.eval_batch_size, accelerator.device, run.autocast,
+                            run.collectives, accelerator.process_index)
+            if accelerator.is_main_process:
+                spec = run.specs[t]
+                write_predictions(run_dir / "predictions" / f"{spec.pred_name}-{split_name}-output.csv",
+                                  spec.pred_header, split.ids, preds, run.module.heads[t].regression)
+    peak_gpu = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1) if torch.cuda.is_available() else None
+    run.reporter.write_json("summary.json", {
+        "steps": run.state.step, "best": info, "wall_s": round(time.time() - run.reporter.t0, 1),
+        "processes": world, "params_agree_across_ranks": agree, **run.sizes,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "peak_gpu_mib": peak_gpu})
+    run.reporter.print(f"done: best dev overall {run.state.best:.4f} at step {info['step'] if info else '?'}; "
+                       f"outputs in {run_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        accelerator, autocast, scaler = make_accelerator(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    run = setup(cfg, accelerator, autocast, scaler)
+    code = fit(run)
+    if not code:
+        finish(run)
+    run.reporter.close()
+    return code
 
 
 if __name__ == "__main__":

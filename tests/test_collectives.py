@@ -1,7 +1,7 @@
 """Every collective receives tensors on the run device (NCCL takes CUDA tensors only).
 
 No GPU here, so the run device is ``meta`` and the process group is a recorder: each path
-that communicates (both reducers, the replica check, the stop flag, the final gather) runs
+that communicates (both reducers, the replica check, the logged losses) runs
 against it, and every tensor it hands over must be on ``meta``. Reading a meta value back
 after the collective fails by design; that is not what these tests look at."""
 
@@ -74,11 +74,12 @@ def test_reducers_hand_only_run_device_tensors_to_collectives(reducer):
     assert gram.device.type == "meta"
 
 
-def test_replica_check_and_stop_flag_use_the_run_device():
+def test_replica_check_and_loss_logging_use_the_run_device():
+    from mtbert.train import global_mean_losses
     group = RecordingGroup()
     coll = Collectives(world=2, device="meta", ops=group)
     _read_back_ok(lambda: ranks_agree(TinyTwoTask().to("meta"), coll))
-    _read_back_ok(lambda: coll.any_true(True))
+    _read_back_ok(lambda: global_mean_losses({"loss/a": [torch.tensor(1.0)]}, coll))
     assert [c[0] for c in group.calls] == ["all_gather", "all_reduce"]
     assert all(dev == "meta" for call in group.calls for dev in call[1:]), group.calls
 
@@ -95,7 +96,7 @@ def test_one_process_needs_no_process_group():
     coll = Collectives(world=1, device="cpu")
     t = torch.ones(3)
     coll.all_reduce_mean_(t)
-    assert coll.any_true(True) and coll.all_equal(t) and coll.gather_objects(5) == [5]
+    assert coll.all_equal(t) and coll.gather_objects(5) == [5]
 
 
 def test_only_collectives_py_touches_torch_distributed():

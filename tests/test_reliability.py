@@ -146,7 +146,8 @@ def test_fp16_overflow_step_is_skipped_and_scale_halves(tiny_ckpt):
     from mtbert.methods.phases import Phase
     from mtbert.model.bert import from_pretrained
     from mtbert.model.heads import MultitaskModel
-    from mtbert.step import LossScaler, Stepper
+    from mtbert.optim.loss_scaler import LossScaler
+    from mtbert.step import Stepper
     from transformers import AutoTokenizer
     cfg = parse_args([f"--model.checkpoint={tiny_ckpt}", "--method.name=pcgrad", "--data.tasks=sst,sts"])
     enc, folder = from_pretrained(str(tiny_ckpt))

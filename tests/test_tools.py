@@ -45,7 +45,9 @@ def test_compare_table_plots_and_analysis(two_runs, tmp_path):
     assert main([*map(str, two_runs), "--out", str(out), "--analysis"]) == 0
     table = (out / "table.md").read_text().splitlines()
     assert table[0].startswith("| rank | run | method | cfimdb acc | quora acc | sst acc | sts pearson | overall")
-    assert len(table) == 4 and {"sum", "pcgrad"} <= {row.split(" | ")[2] for row in table[2:]}
+    from mtbert.methods.registry import METHODS  # labels are the registry's titles
+    titles = {METHODS["sum"].title, METHODS["pcgrad"].title}
+    assert len(table) == 4 and titles <= {row.split(" | ")[2] for row in table[2:]}
     for png in ("dev_curves.png", "final_scores.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     report = (two_runs[0] / "analysis" / "report.md").read_text()

@@ -72,6 +72,8 @@ def parse_label(text: str, spec) -> float:
 
 def read_cs224n(path: str | Path, spec, labeled: bool = True, skip_bad_rows: bool = False):
     """-> (list[Example], LoadReport). ``labeled=False`` for test files (no label column needed)."""
+    # (Longer than ~60 lines on purpose: one pass over the file with each check next to the
+    # row it reads, so every message carries its file:line.)
     path = Path(path)
     report = LoadReport(str(path))
     if not path.is_file():

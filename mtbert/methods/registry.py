@@ -1,0 +1,144 @@
+"""Every multi-task method, one entry each: where it comes from, what it sets, where its parts
+live, and what it refuses. Presets (``--preset NAME``), ``--help``, the labels of
+``python -m mtbert.compare``, ``launch/compare_methods.py`` and the README's methods table
+(``python -m mtbert.methods.registry`` prints it; a test keeps the README in step) read it.
+
+A method is a set of config overrides over the plain joint run: the step (step.py) and the
+phases (methods/phases.py) read those fields, so a method has no code path of its own beyond
+the parts named here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    title: str
+    """Name in tables, legends and compare labels."""
+    source: str
+    """The seed report or paper it comes from."""
+    overrides: tuple[str, ...]
+    """What ``--preset NAME`` sets (and what identifies a run of this method in compare)."""
+    parts: str
+    """Where its code lives."""
+    refuses: str = ""
+    """What it refuses, and why (checked before any work)."""
+    budget: Callable[[int], list[str]] = field(default=lambda s: [f"--train.epoch_steps={s}"])
+    """Extra overrides for launch/compare_methods.py given the joint run's round-robin steps s,
+    so every method sees the same number of training examples."""
+    compare: bool = True
+    """Run it in launch/compare_methods.py (the ensemble runs after PCGrad there)."""
+    preset: bool = True
+    """Offer ``--preset NAME`` (not for the ensemble: it is a command on a finished run)."""
+    marks: tuple[str, ...] | None = None
+    """What identifies a run of it in compare (``field=value`` / ``field!=value``); default: overrides."""
+
+    @property
+    def identity(self) -> tuple[str, ...]:
+        return self.overrides if self.marks is None else self.marks
+
+
+METHODS: dict[str, MethodSpec] = {
+    "sum": MethodSpec(
+        "sum (joint RR)", "seeds' joint-training baseline", (),
+        "step.py summed path; engines.py"),
+    "mean": MethodSpec(
+        "mean", "summed loss divided by the step's task count", ("--method.name=mean",),
+        "step.py summed path"),
+    "pcgrad": MethodSpec(
+        "PCGrad (RR-PCGrad)", "Yu et al. 2020, Alg. 1; seeds: RR-PCGrad = PCGrad + round-robin",
+        ("--method.name=pcgrad",),
+        "optim/pcgrad.py (weights from the Gram), optim/aggregators.py, optim/gradients.py (rows, reducers), "
+        "step.py per-task path",
+        "ZeRO-3 (partitioned parameters: no per-task gradients)"),
+    "gse": MethodSpec(
+        "GSE", "seed 'An Exploration of Fine-Tuning Techniques on minBERT': PCGrad-mean update, then the plain sum",
+        ("--method.name=gse",), "optim/aggregators.py (_gse: two weight vectors); step.py runs both updates",
+        "ZeRO-3"),
+    "a_pcgrad": MethodSpec(
+        "A-PCGrad", "seeds: PCGrad + annealed sampling (Stickland & Murray 2019)",
+        ("--method.name=pcgrad", "--train.schedule=annealed"), "data/sampler.py (annealed_alpha) + pcgrad",
+        "ZeRO-3", budget=lambda s: ["--train.epochs=3", f"--train.epoch_steps={s}"]),
+    "v_pcgrad": MethodSpec(
+        "V-PCGrad", "seeds: PCGrad on batches drawn from the union of all tasks",
+        ("--method.name=pcgrad", "--train.schedule=union"), "data/sampler.py (union, rank_slices) + pcgrad",
+        "ZeRO-3", budget=lambda s: ["--data.batch_size=96", f"--train.epoch_steps={s}"]),
+    "arrp": MethodSpec(
+        "ARRP", "seed 'Post-Op BERT': RR-PCGrad + extra largest-task batches (lambda, optional head-only)",
+        ("--method.name=pcgrad", "--method.arrp_batches=20", "--method.arrp_freeze=all_but_head"),
+        "methods/phases.py (ARRP phases); model/heads.py (head_only); step.py",
+        "schedules other than round_robin; ZeRO-3", marks=("--method.arrp_batches!=0",),
+        budget=lambda s: ["--train.epochs=2", f"--train.epoch_steps={s // 2 - s // 8}",
+                          f"--method.arrp_batches={3 * s // 8}", "--method.arrp_weight=0.5",
+                          "--method.arrp_freeze=none"]),
+    "pairwise": MethodSpec(
+        "pairwise", "seed 'MiniBERT: Training Jointly': task pairs in turn",
+        ("--method.pairwise=true",), "methods/phases.py (pair phases)",
+        "schedules other than round_robin", budget=lambda s: [f"--train.epoch_steps={3 * s // 2}"]),
+    "smart": MethodSpec(
+        "SMART", "Jiang et al. 2020 (seeds: SMART regularisation per task)", ("--method.smart=true",),
+        "methods/smart.py (per-example noise); step.py adds it to each task loss"),
+    "sequential": MethodSpec(
+        "sequential", "seeds' forgetting baseline: one task after another", ("--train.schedule=sequential",),
+        "methods/phases.py (one phase per task)"),
+    "sharing": MethodSpec(
+        "sharing F2-S2-I2", "seeds: hard parameter sharing (frozen / shared / per-task layers)",
+        ("--model.sharing=F2-S2-I2",), "model/heads.py (MultitaskModel task_layers); optim/gradients.py "
+        "(per-task layers are private rows)"),
+    "ensemble": MethodSpec(
+        "ensemble (PCGrad + per-task fine-tune)", "seeds: per-task fine-tunes of a joint model, ensembled",
+        (), "methods/ensemble.py (python -m mtbert.methods.ensemble RUN_DIR)", compare=False, preset=False, marks=()),
+}
+
+ALIASES = {"rr_pcgrad": ("pcgrad", ["--train.schedule=round_robin"]), "mops": ("sharing", [])}
+"""Older preset names, kept working."""
+
+
+def method_presets() -> dict[str, list[str]]:
+    out = {name: list(spec.overrides) for name, spec in METHODS.items() if spec.preset}
+    out.update({alias: [*METHODS[name].overrides, *extra] for alias, (name, extra) in ALIASES.items()})
+    return out
+
+
+def _holds(cfg: dict, mark: str) -> bool:
+    """``section.field=value`` or ``section.field!=value`` against a config dict."""
+    negate = "!=" in mark
+    path, _, text = mark.lstrip("-").replace("!=", "=").partition("=")
+    actual = cfg
+    for key in path.split("."):
+        actual = actual.get(key) if isinstance(actual, dict) else None
+    if isinstance(actual, bool):
+        same = str(actual).lower() == text.lower()
+    elif isinstance(actual, (int, float)):
+        try:
+            same = float(actual) == float(text)
+        except ValueError:
+            same = False
+    else:
+        same = str(actual) == text
+    return same != negate
+
+
+def label(cfg: dict) -> str:
+    """The methods a run's config.json shows, by title: every entry whose marks all hold,
+    less those whose marks are contained in another matching entry's (A-PCGrad, not
+    "PCGrad + A-PCGrad"); the plain joint run when none does."""
+    hits = {n: set(s.identity) for n, s in METHODS.items() if s.identity and all(_holds(cfg, m) for m in s.identity)}
+    keep = [n for n in hits if not any(o != n and hits[n] < hits[o] for o in hits)]
+    return " + ".join(METHODS[n].title for n in keep) or METHODS["sum"].title
+
+
+def markdown_table() -> str:
+    lines = ["| method (`--preset`) | from | sets | code | refuses |", "|---|---|---|---|---|"]
+    # (the ensemble has no preset: python -m mtbert.methods.ensemble RUN_DIR)
+    for name, s in METHODS.items():
+        sets = " ".join(f"`{o}`" for o in s.overrides) or "—"
+        lines.append(f"| **{s.title}** (`{name}`) | {s.source} | {sets} | {s.parts} | {s.refuses or '—'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
