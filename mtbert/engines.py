@@ -65,6 +65,36 @@ class TorchEngine:
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
 
+    # -- the per-task path ------------------------------------------------------------------
+    attach_rows = True  # shared .grad view the rows: backward accumulates straight into them
+
+    def task_backward(self, buffers, task: str, loss: torch.Tensor) -> None:
+        """Task ``task``'s gradient into its row (and its private buffer)."""
+        buffers.point_to(task)  # shared .grad now view row ``task`` of the flat buffer
+        loss.backward()
+
+    def apply_update(self, buffers, present: list[str], head_only: list | None, last: bool):
+        """Step with ``buffers.update`` (shared) and the present tasks' private gradients.
+        head_only: the only parameters that train (ARRP's head-only batches). -> (norm, applied)."""
+        buffers.attach_update()
+        # GSE's first update: clipping scales .grad in place, and the private .grad are the
+        # buffers themselves, so the second update gets copies of the unclipped ones.
+        keep = [] if last else [(p, None if p.grad is None else p.grad.clone())
+                                for ps in buffers.private.values() for p in ps]
+        self.clear_frozen(head_only)
+        norm, applied = self.step(per_task=True, schedule=last)
+        for p, g in keep:
+            p.grad = g
+        return norm, applied
+
+    def clear_frozen(self, head_only: list | None) -> None:
+        """Everything but ``head_only`` has no gradient (its .grad may hold zeros from views)."""
+        if head_only is not None:
+            keep = {id(p) for p in head_only}
+            for p in self.params:
+                if id(p) not in keep:
+                    p.grad = None
+
 
 class DeepSpeedEngine:
     def __init__(self, accelerator, model, optimizer, scheduler, params: list, clip: float, idle: str,
@@ -100,6 +130,27 @@ class DeepSpeedEngine:
     def skip(self) -> None:
         self.engine.zero_grad()
         self.sched.step()
+
+    # -- the per-task path ------------------------------------------------------------------
+    attach_rows = False  # DeepSpeed's gradient hooks would take .grad: rows are filled from autograd.grad
+
+    def task_backward(self, buffers, task: str, loss: torch.Tensor) -> None:
+        params = buffers.shared + buffers.private[task]
+        buffers.accumulate(task, torch.autograd.grad(loss, params, allow_unused=True))
+
+    def apply_update(self, buffers, present: list[str], head_only: list | None, last: bool):
+        """Hand ``buffers.update`` and the present tasks' private gradients to the engine (under
+        ARRP's head-only batches the head's alone: ZeRO steps the rest with a zero gradient)."""
+        pairs = list(zip(buffers.shared, buffers.update_views))
+        pairs += [(p, g) for t in present for p, g in zip(buffers.private[t], buffers.priv_views[t])]
+        if head_only is not None:
+            keep = {id(p) for p in head_only}
+            pairs = [(p, g) for p, g in pairs if id(p) in keep]
+        return self.hand_over(pairs, schedule=last)
+
+    def clear_frozen(self, head_only: list | None) -> None:
+        """Nothing to clear: the head-only forward gave the rest no gradient, and ZeRO steps
+        every parameter anyway (train.idle_params=step)."""
 
 
 def make_engine(accelerator, model, optimizer, scheduler, params, cfg, per_task: bool):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from mtbert.collectives import Collectives
-from mtbert.engines import DeepSpeedEngine, make_engine
+from mtbert.engines import make_engine
 from mtbert.methods.smart import smart_loss
 from mtbert.optim.aggregators import conflict_stats, update_weights
 from mtbert.optim.gradients import GradientBuffers, make_reducer
@@ -73,7 +73,6 @@ class Stepper:
         self.per_task = cfg.method.name not in ("sum", "mean")
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.engine = make_engine(accelerator, model, optimizer, scheduler, self.params, cfg, self.per_task)
-        self.deepspeed = isinstance(self.engine, DeepSpeedEngine)
         self.tasks = list(tasks)
         if self.per_task:
             self.buffers = GradientBuffers(self.module, tasks, collectives.world)
@@ -121,19 +120,14 @@ class Stepper:
             for t, v in parts.items():
                 losses[t] = losses.get(t, 0) + v.detach() / n
         stats = {f"loss/{t}": v for t, v in losses.items()}
-        self._clear_frozen(phase)
+        self.engine.clear_frozen(self._head_only(phase))
         stats["grad_norm"], applied = self.engine.step(per_task=False)
         stats["skipped"] = not applied
         return stats
 
-    def _clear_frozen(self, phase) -> None:
-        """ARRP head-only batches: the encoder output was detached, so only the head has a
-        gradient; shared .grad views hold zeros, which must read as "no gradient"."""
-        if phase.head_only and not self.deepspeed:
-            head = {id(p) for p in self.module.heads[phase.tasks[0]].parameters()}
-            for p in self.params:
-                if id(p) not in head:
-                    p.grad = None
+    def _head_only(self, phase) -> list | None:
+        """The parameters that train in ARRP's head-only batches (None: all of them)."""
+        return list(self.module.heads[phase.tasks[0]].parameters()) if phase.head_only else None
 
     def _per_task_step(self, step, micro_batches, phase):
         """Per-task rows -> reducer -> Gram -> weights -> update(s) through the engine."""
@@ -161,14 +155,15 @@ class Stepper:
         for j, w in enumerate(updates):  # GSE makes two updates from the same gradients
             self.buffers.set_update(w, local_rows)
             stats["comm_bytes"] += self.reducer.finish(self.buffers.update)
-            stats["grad_norm"], applied = self._apply_update(present, phase, last=j == len(updates) - 1)
+            stats["grad_norm"], applied = self.engine.apply_update(self.buffers, present, self._head_only(phase),
+                                                                   last=j == len(updates) - 1)
             stats["skipped"] = not applied
         return stats
 
     def _per_task_gradients(self, step, micro_batches, phase, present) -> dict:
         """Each task's backward into its row (unscaled under fp16). -> task losses (detached)."""
         buf, n = self.buffers, len(micro_batches)
-        buf.start(present, attach=not self.deepspeed)
+        buf.start(present, attach=self.engine.attach_rows)
         scale = self.scaler.scale if self.scaler else 1.0
         losses = {}
         for i, mb in enumerate(micro_batches):
@@ -176,43 +171,10 @@ class Stepper:
                 with self.autocast():
                     out = self.module(t, b, head_only=phase.head_only)
                 loss = self._task_loss(t, b, out, mb.shares[t], phase, self._noise_seed(step, i, t)) / n
-                if self.deepspeed:  # DeepSpeed's gradient hooks would take .grad: ask autograd directly
-                    params = buf.shared + buf.private[t]
-                    buf.accumulate(t, torch.autograd.grad(loss * scale, params, allow_unused=True))
-                else:
-                    buf.point_to(t)  # shared .grad now view row t of the flat buffer
-                    (loss * scale).backward()
+                self.engine.task_backward(buf, t, loss * scale)
                 losses[t] = losses.get(t, 0) + loss.detach()
         if self.scaler:  # unscale before any dot product (rows() may be a copy: unscale G itself)
             for t in present:
                 buf.G[buf.tasks.index(t)].div_(scale)
                 buf.priv_flat[t].div_(scale)
         return losses
-
-    def _apply_update(self, present, phase, last: bool):
-        """The update in ``buffers.update`` (+ the present tasks' private gradients) through the
-        engine. -> (pre-clip norm, applied)."""
-        if self.deepspeed:
-            return self.engine.hand_over(self._combined_pairs(present, phase), last)
-        buf = self.buffers
-        buf.attach_update()
-        # The first GSE update's clipping scales .grad in place, and the private .grad are the
-        # buffers themselves: the second update needs them unclipped, so copy.
-        keep = [] if last else [(p, None if p.grad is None else p.grad.clone())
-                                for ps in buf.private.values() for p in ps]
-        self._clear_frozen(phase)
-        norm, applied = self.engine.step(per_task=True, schedule=last)
-        for p, g in keep:  # the private grads serve the second update as well
-            p.grad = g
-        return norm, applied
-
-    def _combined_pairs(self, present, phase):
-        """(parameter, combined gradient) for the DeepSpeed hand-over; under ARRP's head-only
-        batches only the head's (the rest is zero: ZeRO steps it with a zero gradient)."""
-        buf = self.buffers
-        pairs = list(zip(buf.shared, buf.update_views))
-        pairs += [(p, g) for t in present for p, g in zip(buf.private[t], buf.priv_views[t])]
-        if phase.head_only:
-            head = {id(p) for p in self.module.heads[phase.tasks[0]].parameters()}
-            pairs = [(p, g) for p, g in pairs if id(p) in head]
-        return pairs

@@ -110,3 +110,31 @@ def test_the_surrogate_hands_over_exactly_the_combined_gradient():
     q = torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))  # DeepSpeed bf16 parameters
     engine.hand_over([(q, g)])
     assert torch.equal(q.grad, g.bfloat16()) and sched.n == 1
+
+
+def test_gse_second_update_gets_the_unclipped_head_gradients():
+    """The first update clips in place and the private .grad are the buffers themselves: the
+    engine must hand the second update copies (issue found by the equivalence matrix)."""
+    from mtbert.optim.gradients import GradientBuffers
+
+    class TwoTask(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(2, 2)
+            self.heads = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 1), "b": torch.nn.Linear(2, 1)})
+
+        def task_parameter_names(self, task):
+            return [n for n, _ in self.named_parameters() if n.startswith(f"heads.{task}.")]
+
+    model = TwoTask()
+    buf = GradientBuffers(model, ["a", "b"])
+    buf.start(["a", "b"])
+    for t in ("a", "b"):
+        buf.priv_flat[t].fill_(10.0)  # large: the first update's clip (at 1.0) scales them down
+    buf.update.fill_(1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    acc = types.SimpleNamespace(clip_grad_norm_=None)
+    engine = TorchEngine(acc, None, opt, Counter(), list(model.parameters()), 1.0, "keep", per_task=True)
+    engine.apply_update(buf, ["a", "b"], None, last=False)
+    head = model.heads["a"].weight
+    assert head.grad is not None and torch.all(head.grad == 10.0)  # unclipped for the second update
