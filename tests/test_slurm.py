@@ -92,7 +92,8 @@ grid:
                           "--analysis"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     table = (cmp_out / "table.md").read_text()
-    assert table.count("\n") == 5 and "pcgrad" in table and "gse" in table
+    from mtbert.methods.registry import METHODS  # the method column shows the registry's titles
+    assert table.count("\n") == 5 and METHODS["pcgrad"].title in table and METHODS["gse"].title in table
     assert (cmp_out / "dev_curves.png").stat().st_size > 5000 and (cmp_out / "final_scores.png").exists()
     assert (trials[0] / "analysis" / "report.md").exists()
 
