@@ -51,13 +51,7 @@ class RunSummary:
 
 
 def method_label(cfg: dict) -> str:
-    """The method's title from the registry, plus a schedule or sharing no entry accounts for."""
-    title = registry.label(cfg)
-    schedule = cfg.get("train", {}).get("schedule", "round_robin")
-    shown = {"annealed": "A-PCGrad", "union": "V-PCGrad", "sequential": "sequential"}
-    if schedule != "round_robin" and shown.get(schedule, "?") not in title:
-        title = f"{title.replace(' (joint RR)', '')} + {schedule}"
-    return title
+    return registry.label(cfg)
 
 
 def load_run(path: Path) -> RunSummary:

@@ -29,6 +29,7 @@ def minilm_dir() -> Path:
 def make_tiny_checkpoint(folder: Path, layers=2, hidden=32, heads=4, seed=0) -> Path:
     """A random tiny HF BertModel saved in HF format, with the MiniLM tokenizer files."""
     from transformers import BertConfig, BertModel
+
     from mtbert.model.bert import resolve_checkpoint
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -105,3 +106,15 @@ def rel_diff(a: dict, b: dict) -> float:
 
 def max_abs_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+class TwoTaskModel(torch.nn.Module):
+    """The smallest multitask model for unit tests: a shared body and two one-layer heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(4, 4)
+        self.heads = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 1), "b": torch.nn.Linear(4, 1)})
+
+    def task_parameter_names(self, task):
+        return [n for n, _ in self.named_parameters() if n.startswith(f"heads.{task}.")]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TwoTaskModel
 
 from mtbert.collectives import CollectiveDeviceError, Collectives
 from mtbert.optim.gradients import GradientBuffers, make_reducer
@@ -50,21 +51,11 @@ def _read_back_ok(fn):
         assert "meta" in str(e).lower(), e
 
 
-class TinyTwoTask(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = torch.nn.Linear(4, 4)
-        self.heads = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 1), "b": torch.nn.Linear(4, 1)})
-
-    def task_parameter_names(self, task):
-        return [n for n, _ in self.named_parameters() if n.startswith(f"heads.{task}.")]
-
-
 @pytest.mark.parametrize("reducer", ["allreduce", "sharded"])
 def test_reducers_hand_only_run_device_tensors_to_collectives(reducer):
     group = RecordingGroup()
     coll = Collectives(world=2, device="meta", ops=group)
-    model = TinyTwoTask().to("meta")
+    model = TwoTaskModel().to("meta")
     buf = GradientBuffers(model, ["a", "b"], world=2)
     red = make_reducer(reducer, coll)
     gram, _, _ = red.reduce(buf.rows(["a", "b"]), [buf.priv_flat["a"], buf.priv_flat["b"]])
@@ -78,7 +69,7 @@ def test_replica_check_and_loss_logging_use_the_run_device():
     from mtbert.train import global_mean_losses
     group = RecordingGroup()
     coll = Collectives(world=2, device="meta", ops=group)
-    _read_back_ok(lambda: ranks_agree(TinyTwoTask().to("meta"), coll))
+    _read_back_ok(lambda: ranks_agree(TwoTaskModel().to("meta"), coll))
     _read_back_ok(lambda: global_mean_losses({"loss/a": [torch.tensor(1.0)]}, coll))
     assert [c[0] for c in group.calls] == ["all_gather", "all_reduce"]
     assert all(dev == "meta" for call in group.calls for dev in call[1:]), group.calls

@@ -115,18 +115,11 @@ def test_the_surrogate_hands_over_exactly_the_combined_gradient():
 def test_gse_second_update_gets_the_unclipped_head_gradients():
     """The first update clips in place and the private .grad are the buffers themselves: the
     engine must hand the second update copies (issue found by the equivalence matrix)."""
+    from conftest import TwoTaskModel
+
     from mtbert.optim.gradients import GradientBuffers
 
-    class TwoTask(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = torch.nn.Linear(2, 2)
-            self.heads = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 1), "b": torch.nn.Linear(2, 1)})
-
-        def task_parameter_names(self, task):
-            return [n for n, _ in self.named_parameters() if n.startswith(f"heads.{task}.")]
-
-    model = TwoTask()
+    model = TwoTaskModel()
     buf = GradientBuffers(model, ["a", "b"])
     buf.start(["a", "b"])
     for t in ("a", "b"):

@@ -27,6 +27,10 @@ GLOBAL_BATCH = 12
 # is then decided by rounding: the method itself is discontinuous there, on any engine.
 COMMON = [*NO_DROPOUT, "--train.epoch_steps=3", "--data.max_eval=8", "--train.grad_clip=1.0", "--train.warmup=0",
           "--train.log_every=1", "--method.conflict_stats=false", "--heads.sts.kind=bi"]
+# Settings outside the design's factors, each proved once: train.idle_params=step off DeepSpeed
+# (a probabilistic schedule leaves undrawn heads without a gradient; they get zeros on every rank).
+EXTRA = [{"method": "pcgrad", "schedule": "proportional", "grad_accum": 2, "reducer": "allreduce", "engine": "ddp",
+          "precision": "no", "ranks": 2, "idle": "step"}]
 CASES = covering_design()
 # fp32: reduction order only. bf16: the batch shape changes which rows share a GEMM tile, and
 # bf16 rounding of activations turns that into ~1e-3 differences (ZeRO also averages bf16
@@ -41,13 +45,16 @@ def case_args(case: dict) -> list[str]:
             f"--train.precision={case['precision']}"]
     if case["schedule"] == "annealed":
         args.append("--train.epochs=2")  # alpha changes with the epoch
+    if "idle" in case:
+        args.append(f"--train.idle_params={case['idle']}")
     return args
 
 
 def reference_key(case: dict) -> tuple:
     deepspeed = case["engine"] != "ddp"
     return (case["method"], case["schedule"], case["grad_accum"], case["precision"],
-            case["engine"] if deepspeed and case["precision"] == "bf16" else ("step" if deepspeed else "keep"))
+            case["engine"] if deepspeed and case["precision"] == "bf16"
+            else case.get("idle", "step" if deepspeed else "keep"))
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +107,7 @@ def test_the_design_covers_every_pair_of_levels():
     assert len(CASES) <= 40, "keep the matrix inside CI's budget"
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES + EXTRA, ids=lambda c: case_id(c) + (f"-idle_{c['idle']}" if "idle" in c else ""))
 def test_n_ranks_equal_one_process_on_the_global_batch(tiny_ckpt, tmp_path, references, case):
     ranks, label = case["ranks"], case_id(case)
     ref = references(case)
@@ -111,7 +118,8 @@ def test_n_ranks_equal_one_process_on_the_global_batch(tiny_ckpt, tmp_path, refe
     assert result.returncode == 0, log[-4000:]
     assert f"{ranks} process(es)" in log, "the launch did not start the ranks of one job"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["processes"] == ranks and summary["params_agree_across_ranks"] is True
+    sharded = case["engine"] == "zero3"  # each rank holds a shard: no replica check (final weights gathered)
+    assert summary["processes"] == ranks and summary["params_agree_across_ranks"] is (None if sharded else True)
     p_tol, n_tol = TOL[(case["precision"], "ddp" if case["engine"] == "ddp" else "zero")]
     assert_same_steps(per_step(run), per_step(ref), n_tol, label)
     got, want = load_weights(run / "final"), load_weights(ref / "final")

@@ -22,6 +22,8 @@ def test_each_methods_preset_is_labelled_with_its_title(name):
 def test_combinations_are_labelled_by_their_parts():
     cfg = to_dict(parse_args(["--method.name=pcgrad", "--method.smart=true"]))
     assert label(cfg) == f"{METHODS['pcgrad'].title} + {METHODS['smart'].title}"
+    cfg = to_dict(parse_args(["--method.name=pcgrad", "--train.schedule=temperature"]))
+    assert label(cfg) == f"{METHODS['pcgrad'].title} + temperature"  # a schedule no entry sets is named
 
 
 def test_help_and_presets_list_every_method():

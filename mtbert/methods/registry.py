@@ -77,13 +77,14 @@ METHODS: dict[str, MethodSpec] = {
     "pairwise": MethodSpec(
         "pairwise", "seed 'MiniBERT: Training Jointly': task pairs in turn",
         ("--method.pairwise=true",), "methods/phases.py (pair phases)",
-        "schedules other than round_robin", budget=lambda s: [f"--train.epoch_steps={3 * s // 2}"]),
+        "schedules other than round_robin; ZeRO-3 (a step leaves a task out)",
+        budget=lambda s: [f"--train.epoch_steps={3 * s // 2}"]),
     "smart": MethodSpec(
         "SMART", "Jiang et al. 2020 (seeds: SMART regularisation per task)", ("--method.smart=true",),
         "methods/smart.py (per-example noise); step.py adds it to each task loss"),
     "sequential": MethodSpec(
         "sequential", "seeds' forgetting baseline: one task after another", ("--train.schedule=sequential",),
-        "methods/phases.py (one phase per task)"),
+        "methods/phases.py (one phase per task)", "ZeRO-3 (a step leaves the other tasks out)"),
     "sharing": MethodSpec(
         "sharing F2-S2-I2", "seeds: hard parameter sharing (frozen / shared / per-task layers)",
         ("--model.sharing=F2-S2-I2",), "model/heads.py (MultitaskModel task_layers); optim/gradients.py "
@@ -125,10 +126,15 @@ def _holds(cfg: dict, mark: str) -> bool:
 def label(cfg: dict) -> str:
     """The methods a run's config.json shows, by title: every entry whose marks all hold,
     less those whose marks are contained in another matching entry's (A-PCGrad, not
-    "PCGrad + A-PCGrad"); the plain joint run when none does."""
+    "PCGrad + A-PCGrad"); the plain joint run when none does; plus a task schedule that no
+    matched entry sets (e.g. "PCGrad (RR-PCGrad) + temperature")."""
     hits = {n: set(s.identity) for n, s in METHODS.items() if s.identity and all(_holds(cfg, m) for m in s.identity)}
     keep = [n for n in hits if not any(o != n and hits[n] < hits[o] for o in hits)]
-    return " + ".join(METHODS[n].title for n in keep) or METHODS["sum"].title
+    title = " + ".join(METHODS[n].title for n in keep) or METHODS["sum"].title
+    schedule = cfg.get("train", {}).get("schedule", "round_robin")
+    if schedule != "round_robin" and not any(m.startswith("--train.schedule=") for n in keep for m in hits[n]):
+        title = f"{title.replace(' (joint RR)', '')} + {schedule}"  # a schedule no matched entry sets
+    return title
 
 
 def markdown_table() -> str:
