@@ -20,12 +20,13 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtbert.errors import UserError
 from mtbert.presets import PRESETS
 
 DATA_DIR_ENV = "MTBERT_DATA_DIR"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration value; the message names the field."""
 
 

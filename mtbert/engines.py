@@ -53,8 +53,13 @@ class TorchEngine:
             norm = self.accelerator.clip_grad_norm_(with_grad, self.clip)
         norm = torch.as_tensor(float("nan") if norm is None else norm)
         applied = bool(torch.isfinite(norm))  # the step's one host sync
-        if applied:
+        # fp16 on the summed path: Accelerate's GradScaler unscaled the gradients in the clip
+        # above; it must see every step (it skips a non-finite one itself and lowers its scale),
+        # else its next unscale_ raises "already been called since the last update()".
+        scaled = not per_task and getattr(self.accelerator, "scaler", None) is not None
+        if applied or scaled:
             self.opt.step()
+            applied = applied and not (scaled and self.opt.step_was_skipped)
         self.opt.zero_grad(set_to_none=True)
         if schedule:
             self.sched.step()

@@ -14,12 +14,17 @@ Everything distributed goes through Accelerate (``accelerator.prepare``), the en
 
 from __future__ import annotations
 
+import json
+import os
 import resource
-import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from mtbert import process
+
+if __name__ == "__main__":  # before the heavy imports: a stop request during start-up is kept
+    process.guard_process()
 
 import torch
 
@@ -27,69 +32,23 @@ from mtbert import checkpoint as ckpt
 from mtbert.accelerator import configure_deepspeed, make_accelerator, zero_stage
 from mtbert.collectives import Collectives
 from mtbert.config import Config, ConfigError, HeadCfg, parse_args, to_dict
-from mtbert.data.batching import TokenizedSplit, load_split
+from mtbert.data.batching import load_split
 from mtbert.data.sampler import ShardedTaskSampler, plan_step
-from mtbert.data.tasks import TaskSpec, build_specs
+from mtbert.data.tasks import build_specs
+from mtbert.errors import EXIT_USER_ERROR, UserError
 from mtbert.evaluate import evaluate, predict, write_predictions
 from mtbert.methods.phases import Phase, build_phases
 from mtbert.model.bert import count_params, from_pretrained
 from mtbert.model.heads import MultitaskModel
 from mtbert.replicas import ranks_agree
 from mtbert.reporting import Reporter
+from mtbert.resume import prepare_run_dir, resume_run, run_settings, save_run
+from mtbert.run import LogWindow, Run, global_mean_losses
 from mtbert.step import MicroBatch, Stepper
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint; requeue me
 EXIT_NUMERICS = 3  # too many non-finite steps in a row
-
-
-@dataclass
-class TrainState:
-    """Where the run is; saved in every checkpoint (with the sampler's and scaler's state)."""
-
-    step: int = 0
-    best: float = -1.0  # best dev overall so far
-    bad_streak: int = 0  # non-finite steps in a row
-    evaluated: int = -1  # step of the last phase-end evaluation
-
-
-@dataclass
-class LogWindow:
-    """What the next train metrics line averages: time, examples, tokens, step stats."""
-
-    t0: float = field(default_factory=time.time)
-    examples: int = 0
-    tokens: int = 0
-    stats: dict[str, list] = field(default_factory=dict)
-
-
-@dataclass
-class Run:
-    """Everything ``setup`` builds and ``fit``/``finish`` use."""
-
-    cfg: Config
-    accelerator: object  # accelerate.Accelerator
-    reporter: Reporter
-    collectives: Collectives
-    specs: dict[str, TaskSpec]
-    module: MultitaskModel  # the model itself (unwrapped)
-    model: torch.nn.Module  # as prepared by Accelerate (DDP / DeepSpeed engine / the module)
-    train: dict[str, TokenizedSplit]
-    dev: dict[str, TokenizedSplit | None]
-    test: dict[str, TokenizedSplit | None]
-    sampler: ShardedTaskSampler
-    phases: list[Phase]
-    total: int  # optimizer steps of the whole run
-    scheduler: object
-    stepper: Stepper
-    autocast: object = None
-    scaler: object = None
-    state: TrainState = field(default_factory=TrainState)
-    resumed: bool = False
-    sizes: dict = field(default_factory=dict)  # parameter counts and memory estimate for summary.json
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.cfg.train.out_dir)
+EXIT_IO = 74  # EX_IOERR: a checkpoint could not be written (the previous one is intact)
 
 
 def param_groups(model, cfg):
@@ -105,27 +64,6 @@ def param_groups(model, cfg):
         groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": cfg.train.weight_decay if decay else 0.0})
         groups[key]["params"].append(p)
     return list(groups.values())
-
-
-def install_stop_signals(accelerator) -> None:
-    """SIGTERM / SIGUSR1 ask for a checkpoint and a clean exit at the next step boundary:
-    Accelerate's trigger, which ``check_trigger`` reduces over ranks (all stop at one step)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: accelerator.set_trigger())
-
-
-def global_mean_losses(stats: dict[str, list], coll: Collectives) -> None:
-    """Replace each rank's share-weighted task losses by their mean over ranks: the loss of
-    the global batch (every rank holds the same keys and counts: the task plan is global)."""
-    keys = sorted(k for k in stats if k.startswith("loss/"))
-    if coll.world == 1 or not keys:
-        return
-    flat = torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in stats[k]]).to(coll.device).sum()
-                        for k in keys])
-    counts = [len(stats[k]) for k in keys]
-    coll.all_reduce_mean_(flat)
-    for k, total, n in zip(keys, flat.tolist(), counts):
-        stats[k] = [total / n] * n
 
 
 # ---- setup ---------------------------------------------------------------------------------
@@ -166,7 +104,11 @@ def load_data(cfg: Config, specs: dict, module: MultitaskModel, folder: Path, re
 def setup(cfg: Config, accelerator, autocast, scaler) -> Run:
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     coll = Collectives(world, device)  # every torch.distributed call goes through it
+    moved = prepare_run_dir(Path(cfg.train.out_dir), cfg.train.resume, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     reporter = Reporter(accelerator, Path(cfg.train.out_dir), to_dict(cfg), cfg.log.wandb, cfg.log)
+    if moved:
+        reporter.print(moved)
     from accelerate.utils import set_seed
     set_seed(cfg.train.seed)
     module, folder, specs, sizes = build_model(cfg, reporter, world, device)
@@ -189,35 +131,16 @@ def setup(cfg: Config, accelerator, autocast, scaler) -> Run:
     configure_deepspeed(accelerator, cfg)  # no-op without DeepSpeed
     model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
     stepper = Stepper(accelerator, model, optimizer, scheduler, cfg, list(specs), coll, autocast, scaler)
+    engine = f"{accelerator.distributed_type.value}/zero{zero_stage(accelerator)}/{accelerator.mixed_precision}"
     run = Run(cfg, accelerator, reporter, coll, specs, stepper.module, model, train, dev, test, sampler, phases,
-              total, scheduler, stepper, autocast, scaler, sizes=sizes)
-    resume(run)
-    install_stop_signals(accelerator)
+              total, scheduler, stepper, autocast, scaler, sizes=sizes,
+              settings=run_settings(json.loads(json.dumps(to_dict(cfg))), world, engine))
+    resume_run(run)
+    process.connect(accelerator)  # SIGTERM / SIGUSR1 -> checkpoint and exit at the next step boundary
     return run
 
 
-def resume(run: Run) -> None:
-    """Continue from the newest checkpoint in the run directory, if any (and train.resume)."""
-    found = ckpt.list_checkpoints(run.run_dir) if run.cfg.train.resume else []
-    if not found:
-        return
-    saved = ckpt.load_checkpoint(run.accelerator, found[-1])
-    run.state = TrainState(saved["step"], saved["best"], saved["bad_streak"], saved["evaluated"])
-    run.sampler.load_state_dict(saved["sampler"])
-    if run.scaler and saved.get("scaler"):
-        run.scaler.load_state_dict(saved["scaler"])
-    run.reporter.truncate_after(run.state.step)
-    run.reporter.print(f"resumed from {found[-1]} at step {run.state.step}")
-    run.resumed = True
-
-
 # ---- fit -----------------------------------------------------------------------------------
-
-def save(run: Run) -> None:
-    state = {**vars(run.state), "sampler": run.sampler.state_dict(),
-             "scaler": run.scaler.state_dict() if run.scaler else None}
-    ckpt.save_checkpoint(run.accelerator, run.run_dir, run.state.step, state, run.cfg.train.keep_last)
-
 
 def evaluate_dev(run: Run, label: str) -> None:
     """Dev metrics -> metrics.jsonl and the console; a new best overall saves best/."""
@@ -271,9 +194,9 @@ def log_train(run: Run, phase: Phase, window: LogWindow) -> LogWindow:
 def train_phase(run: Run, phase: Phase, phase_end: int, bar) -> int:
     """Steps until the phase ends; -> 0, or the exit code that stops the run."""
     cfg, state = run.cfg, run.state
-    window = LogWindow()
     run.module.train()
     while state.step < phase_end:
+        window = run.window
         stats = run.stepper.step(state.step, micro_batches(run, phase, window), phase)
         state.step += 1
         bar.update(1)
@@ -281,7 +204,7 @@ def train_phase(run: Run, phase: Phase, phase_end: int, bar) -> int:
         for k, v in stats.items():
             window.stats.setdefault(k, []).append(v)
         if state.step % cfg.train.log_every == 0 or state.step == phase_end:
-            window = log_train(run, phase, window)
+            run.window = log_train(run, phase, window)
         if state.bad_streak >= cfg.train.max_bad_steps:
             run.reporter.print(f"error: {state.bad_streak} steps in a row had a non-finite loss or gradient "
                                f"(step {state.step}); stopping. The last good checkpoint in "
@@ -290,20 +213,32 @@ def train_phase(run: Run, phase: Phase, phase_end: int, bar) -> int:
         if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < phase_end:
             evaluate_dev(run, phase.label)
         if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0 and state.step < phase_end:
-            save(run)  # (a phase end saves after its evaluation, in fit)
-        if run.accelerator.check_trigger():
-            save(run)
-            run.reporter.print(f"stop requested: checkpoint at step {state.step} written; exiting with {EXIT_PREEMPTED}")
-            run.reporter.mark_stopped(state.step)  # launchers (accelerate, torchrun) do not pass our exit code on
+            save_run(run)  # (a phase end saves after its evaluation, in fit)
+        if stop_requested(run):
             return EXIT_PREEMPTED
     return 0
+
+
+def stop_requested(run: Run) -> bool:
+    """A SIGTERM/SIGUSR1 on any rank (process.py): all ranks checkpoint at this step boundary.
+    The stop file is written before the last barrier, so no rank exits (and no launcher fails
+    the job step, e.g. srun --kill-on-bad-exit) before the requeue marker exists."""
+    if not run.accelerator.check_trigger():
+        return False
+    save_run(run)
+    run.reporter.print(f"stop requested: checkpoint at step {run.state.step} written; exiting with {EXIT_PREEMPTED}")
+    run.reporter.mark_stopped(run.state.step)  # launchers (accelerate, torchrun) do not pass our exit code on
+    return True
 
 
 def fit(run: Run) -> int:
     """Every phase to the end (or to a stop); -> 0 or the exit code."""
     cfg, state = run.cfg, run.state
-    if not run.resumed:
+    if stop_requested(run):  # asked during start-up (model load, tokenization): nothing to redo
+        return EXIT_PREEMPTED
+    if state.step == 0 and state.evaluated < 0:  # (also after a stop during start-up)
         evaluate_dev(run, "start")
+        state.evaluated = 0
     from tqdm.auto import tqdm
     bar = tqdm(total=run.total, initial=state.step, desc="train",
                disable=not (run.accelerator.is_main_process and cfg.train.progress))
@@ -318,9 +253,9 @@ def fit(run: Run) -> int:
         if phase.eval_after or state.step == run.total:
             evaluate_dev(run, phase.label)
             state.evaluated = state.step
-            save(run)
+            save_run(run)
         elif cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-            save(run)
+            save_run(run)
         if state.step >= run.total:
             break
     bar.close()
@@ -361,15 +296,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         accelerator, autocast, scaler = make_accelerator(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    run = setup(cfg, accelerator, autocast, scaler)
-    code = fit(run)
-    if not code:
-        finish(run)
+        run = setup(cfg, accelerator, autocast, scaler)
+    except UserError as e:  # bad config or input: every rank hits the same one
+        print(f"{'config' if isinstance(e, ConfigError) else 'input'} error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        code = fit(run)
+        if not code:
+            finish(run)
+    except ckpt.CheckpointWriteError as e:
+        return write_failed(run, e)
     run.reporter.close()
     return code
+
+
+def write_failed(run: Run, e: ckpt.CheckpointWriteError) -> int:
+    """A checkpoint or weights folder could not be written (disk full, quota, I/O error)."""
+    found = ckpt.list_checkpoints(run.run_dir)
+    print(f"error: {e}. Nothing was lost: the newest complete checkpoint is "
+          f"{found[-1] if found else '(none yet)'}; free space and run the same command to resume.",
+          file=sys.stderr, flush=True)
+    if run.collectives.world > 1:  # the others wait in a barrier (ours or DeepSpeed's): the launcher
+        os._exit(EXIT_IO)           # sees this rank fail and stops them; a clean exit could hang in teardown
+    return EXIT_IO
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def test_reducers_hand_only_run_device_tensors_to_collectives(reducer):
 
 
 def test_replica_check_and_loss_logging_use_the_run_device():
-    from mtbert.train import global_mean_losses
+    from mtbert.run import global_mean_losses
     group = RecordingGroup()
     coll = Collectives(world=2, device="meta", ops=group)
     _read_back_ok(lambda: ranks_agree(TwoTaskModel().to("meta"), coll))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import NO_DROPOUT, launch, load_weights, max_abs_diff, read_metrics, rel_diff, run_main, tiny_args
+from conftest import NO_DROPOUT, launch, load_weights, read_metrics, rel_diff, run_main, tiny_args, worst_tensor
 from equivalence_design import ENGINE_CONFIG, FACTORS, METHOD_ARGS, _pairs, case_id, covering_design, valid
 
 pytestmark = pytest.mark.dist
@@ -37,6 +37,10 @@ CASES = covering_design()
 # gradients in bf16: ~1e-2 on a norm); a factor of 2 still fails.
 TOL = {("no", "ddp"): (1e-6, 1e-5), ("no", "zero"): (1e-5, 1e-5), ("bf16", "ddp"): (2e-3, 1e-2),
        ("bf16", "zero"): (5e-3, 3e-2)}
+# Per tensor (||diff_k|| / ||ref_k||), fp32 only: one wrong tensor moves by its update (~lr x steps x
+# sqrt(n)), >= 1e-2 of its norm here; measured worst over the matrix 1.2e-5 (2026-11-22). Under bf16 the
+# small-norm LayerNorm biases carry rounding of their own size (up to 0.26): the checks above stand.
+TENSOR_TOL = {"no": 1e-4}
 
 
 def case_args(case: dict) -> list[str]:
@@ -125,7 +129,9 @@ def test_n_ranks_equal_one_process_on_the_global_batch(tiny_ckpt, tmp_path, refe
     got, want = load_weights(run / "final"), load_weights(ref / "final")
     diff = rel_diff(got, want)
     assert diff <= p_tol, f"{label}: relative parameter difference {diff:.2e}"
-    assert max_abs_diff(got, want) <= 10 * p_tol
+    if case["precision"] in TENSOR_TOL:
+        worst, name = worst_tensor(got, want)
+        assert worst <= TENSOR_TOL[case["precision"]], f"{label}: {name} differs by {worst:.2e} of its norm"
 
 
 @pytest.mark.parametrize("method", ["pairwise", "arrp"])

@@ -8,23 +8,27 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, free_port, launch, load_weights, read_metrics, run_main, tiny_args
 
 LONG = ["--train.epoch_steps=40", "--train.checkpoint_every=5", "--train.keep_last=3", "--data.max_eval=8",
+        "--train.log_every=7",  # checkpoints (every 5) fall inside log windows: the window is checkpointed
         "--train.eval_every=0"]
 VOLATILE = ("time", "examples_per_s", "tokens_per_s")
 
 
-def _start(args, launcher=None):
+def _start(args, launcher=None, log=None):
+    """log: a file for the output (as under Slurm), instead of a pipe to this test: a rank that
+    outlives its launcher dies of the broken pipe on its next print, which hides what we test."""
     cmd = launcher or [sys.executable, str(ROOT / "mtbert" / "train.py")]
     # Same thread count as the in-process reference run: CPU reductions are bit-reproducible
     # for a fixed number of threads, not across thread counts.
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([*cmd, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    out = open(log, "w") if log else subprocess.PIPE
+    return subprocess.Popen([*cmd, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
@@ -32,7 +36,7 @@ def _wait_for(path, proc, timeout=240):
     deadline = time.time() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            pytest.fail(f"run ended before {path} appeared:\n{proc.stdout.read()[-3000:]}")
+            pytest.fail(f"run ended before {path} appeared:\n{proc.stdout.read()[-3000:] if proc.stdout else ''}")
         if time.time() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"timed out waiting for {path}")
@@ -79,25 +83,78 @@ def test_sigterm_checkpoints_exits_75_and_resumes(tiny_ckpt, tmp_path, uninterru
     assert json.loads((run / "summary.json").read_text())["steps"] == 40
     ref, got = load_weights(uninterrupted / "final"), load_weights(run / "final")
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert _stable(read_metrics(run)) == _stable(read_metrics(uninterrupted))
+
+
+def test_sigterm_during_start_up_is_kept_and_the_run_resumes_from_step_0(tiny_ckpt, tmp_path, uninterrupted):
+    """Before: a TERM during imports, model load or tokenization killed the process (no handler
+    yet): nothing saved, and under Slurm no stop file, so no requeue."""
+    run, log = tmp_path / "run", tmp_path / "out.log"
+    args = tiny_args(tiny_ckpt, run, *LONG)
+    proc = _start(args, log=log)
+    time.sleep(0.5)  # python is importing torch
+    assert proc.poll() is None and "model:" not in log.read_text(), "too late: start-up was over"
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75, log.read_text()[-2000:]
+    out = log.read_text()
+    assert "stop requested: checkpoint at step 0 written" in out and "[dev]" not in out, out[-2000:]
+    assert run_main(args) == 0
+    ref, got = load_weights(uninterrupted / "final"), load_weights(run / "final")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert _stable(read_metrics(run)) == _stable(read_metrics(uninterrupted))
+
+
+def _ranks_of(marker: str) -> list[int]:
+    """Pids of training ranks (not the launcher) whose command line holds ``marker``."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if marker in cmd and "mtbert/train.py" in cmd and " launch " not in cmd:
+            pids.append(int(p.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 @pytest.mark.dist
-def test_two_rank_sigkill_then_resume_is_bit_identical(tiny_ckpt, tmp_path):
-    args_for = lambda run: tiny_args(tiny_ckpt, run, *LONG[1:], "--train.epoch_steps=16", "--method.name=pcgrad")
+def test_two_rank_sigkill_of_the_launcher_kills_its_ranks_and_resumes_bit_identical(tiny_ckpt, tmp_path):
+    """SIGKILL of `accelerate launch` (what an OOM killer or node agent does): torch elastic starts
+    each rank in its own session, so only the launcher dies unless the ranks die with it. Proves
+    the ranks are gone, that nothing was written after the kill, and where the relaunch resumed."""
+    args_for = lambda run: tiny_args(tiny_ckpt, run, *LONG[1:], "--train.epoch_steps=40", "--method.name=pcgrad")
     full = tmp_path / "full"
     result = launch("cpu_2proc.yaml", args_for(full))
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
-    from conftest import free_port
     launcher = [str(ROOT / ".venv" / "bin" / "accelerate") if (ROOT / ".venv" / "bin" / "accelerate").exists()
                 else "accelerate", "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
                 "--main_process_port", str(free_port()), str(ROOT / "mtbert" / "train.py")]
-    proc = _start(args_for(run), launcher)
+    proc = _start(args_for(run), launcher, log=tmp_path / "launch.log")
     _wait_for(run / "checkpoints" / "step_5", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
+    ranks = [p for p in _ranks_of(str(run)) if p != proc.pid]
+    assert len(ranks) == 2, f"expected 2 rank processes, found {ranks}"
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher's group: the ranks are in sessions of their own
     proc.wait()
+    newest = lambda: max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
+    at_kill = newest()
+    deadline = time.time() + 5
+    while any(_alive(p) for p in ranks) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(2)  # an orphan would go on (40 steps take ~4 s here) and write step_10, 15, ...
+    assert not any(_alive(p) for p in ranks), "ranks outlived their launcher"
+    assert newest() == at_kill < 40 and not (run / "summary.json").exists(), "ranks trained after the kill"
     result = launch("cpu_2proc.yaml", args_for(run))
-    assert result.returncode == 0 and "resumed from" in result.stdout + result.stderr, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and f"checkpoints/step_{at_kill} at step {at_kill}" in out, out[-3000:]
     ref, got = load_weights(full / "final"), load_weights(run / "final")
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
@@ -140,6 +197,8 @@ def test_persistent_nan_stops_with_message_and_last_good_checkpoint(tiny_ckpt, t
 def test_fp16_overflow_step_is_skipped_and_scale_halves(tiny_ckpt):
     """The per-task path with fp16 autocast (explicit, on CPU) and the LossScaler."""
     from accelerate import Accelerator
+    from transformers import AutoTokenizer
+
     from mtbert.config import HeadCfg, parse_args
     from mtbert.data.batching import load_split
     from mtbert.data.tasks import build_specs
@@ -148,7 +207,6 @@ def test_fp16_overflow_step_is_skipped_and_scale_halves(tiny_ckpt):
     from mtbert.model.heads import MultitaskModel
     from mtbert.optim.loss_scaler import LossScaler
     from mtbert.step import Stepper
-    from transformers import AutoTokenizer
     cfg = parse_args([f"--model.checkpoint={tiny_ckpt}", "--method.name=pcgrad", "--data.tasks=sst,sts"])
     enc, folder = from_pretrained(str(tiny_ckpt))
     specs = build_specs(cfg)

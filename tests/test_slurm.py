@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, read_metrics
 
 pytestmark = pytest.mark.slurm
@@ -44,13 +43,19 @@ def job_state(job: str) -> tuple[str, str]:
 
 
 def wait_jobs(job: str, timeout: float) -> None:
-    """Poll squeue (sbatch --wait notices completion late) until the job and its array tasks are gone."""
+    """Poll squeue (sbatch --wait notices completion late) until the job and its array tasks are gone.
+    Slurm holds a requeued job for ~2 minutes (reason BeginTime): the test releases it at once."""
     deadline = time.time() + timeout
-    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+    while queued := subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T %r"], capture_output=True,
+                                   text=True).stdout.strip():
         if time.time() > deadline:
             subprocess.run(["scancel", job])
             pytest.fail(f"job {job} still queued after {timeout}s: {job_state(job)}")
-        time.sleep(1)
+        for line in queued.splitlines():
+            jid, state, reason = line.split()[:3]
+            if state == "PENDING" and reason == "BeginTime":
+                subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+        time.sleep(0.5)
 
 
 def env():
@@ -98,24 +103,82 @@ grid:
     assert (trials[0] / "analysis" / "report.md").exists()
 
 
-def test_preempted_job_checkpoints_requeues_and_finishes(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("preempt", [["--signal=USR1", "--batch"], ["--signal=TERM", "--full"]],
+                         ids=["usr1-to-batch-shell", "term-to-every-process"])
+def test_preempted_job_checkpoints_requeues_and_finishes(tiny_ckpt, tmp_path, preempt):
+    """One node, no srun: the batch shell, the launcher and the rank all get the TERM of
+    `--full`; the launcher ignores it, the rank checkpoints, the job is requeued."""
     run = tmp_path / "run"
     log = tmp_path / "job.out"
     cmd = ["sbatch", "--parsable", "--time=15", f"--output={log}",
            "--export=ALL,ACCEL_CONFIG=accelerate_configs/cpu_1proc.yaml,NPROC=1", "slurm/train.sbatch",
-           f"--model.checkpoint={tiny_ckpt}", "--data.batch_size=8", "--train.epoch_steps=400", "--train.epochs=1",
+           f"--model.checkpoint={tiny_ckpt}", "--data.batch_size=8", "--train.epoch_steps=200", "--train.epochs=1",
            "--train.progress=false", "--data.max_eval=16", f"--train.out_dir={run}"]
     job = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, check=True).stdout.strip()
     deadline = time.time() + 300
     while not (run / "metrics.jsonl").exists() or not [r for r in read_metrics(run) if r["split"] == "train"]:
         assert time.time() < deadline, f"training never started: {job_state(job)} {log.read_text()[-2000:] if log.exists() else ''}"
         time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    subprocess.run(["scancel", *preempt, job], check=True)
     wait_jobs(job, 600)
     text = log.read_text()
     assert job_state(job)[0] in ("COMPLETED", "GONE"), text[-3000:]
     assert "stop requested: checkpoint at step" in text, text[-3000:]
     assert "requeueing job" in text and "resumed from" in text, text[-3000:]
-    assert json.loads((run / "summary.json").read_text())["steps"] == 400
+    assert "checkpoint written; requeueing job" in text, text[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 200
     steps = [r["step"] for r in read_metrics(run) if r["split"] == "train"]
-    assert steps == sorted(steps) and steps[-1] == 400, "resumed run must continue, not restart"
+    assert steps == sorted(steps) and steps[-1] == 200, "resumed run must continue, not restart"
+
+
+@pytest.fixture(scope="module")
+def two_rank_reference(tiny_ckpt, tmp_path_factory):
+    """The uninterrupted run the preempted multi-node jobs must reproduce (2 CPU ranks, one launch)."""
+    from conftest import launch
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = launch("cpu_2proc.yaml", [*multinode_args(tiny_ckpt), f"--train.out_dir={run}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def multinode_args(tiny_ckpt) -> list[str]:
+    return [f"--model.checkpoint={tiny_ckpt}", "--data.batch_size=4", "--train.epoch_steps=60", "--train.epochs=1",
+            "--train.progress=false", "--data.max_eval=8", "--train.log_every=10", "--train.checkpoint_every=15",
+            "--model.dropout=0.0", "--method.name=pcgrad"]
+
+
+@pytest.mark.parametrize("preempt", [["--signal=USR1", "--batch"], ["--signal=TERM"], ["--signal=TERM", "--full"]],
+                         ids=["usr1-to-batch-shell", "term-to-every-step-process", "term-to-every-process"])
+def test_multinode_job_preempted_requeues_and_matches_an_uninterrupted_run(tiny_ckpt, tmp_path, two_rank_reference,
+                                                                           preempt):
+    """slurm/multinode.sbatch with two srun tasks on the one node standing in for two nodes (each
+    task one `accelerate launch` with its own machine rank, 1 CPU rank each), preempted by a stop
+    request to the batch shell only, a TERM to every process of the steps (launchers and ranks of
+    every node), or a TERM to every process of the job: srun then kills its step at once (Slurm
+    does that for TERM), so that run is requeued to resume from its newest complete checkpoint.
+    Every variant must be requeued and end with the uninterrupted run's final weights."""
+    import torch
+    from conftest import load_weights
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    cmd = ["sbatch", "--parsable", "--time=15", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
+           f"--output={log}", "--export=ALL,ACCEL_CONFIG=accelerate_configs/cpu_2proc.yaml,GPUS_PER_NODE=1",
+           "slurm/multinode.sbatch", *multinode_args(tiny_ckpt), f"--train.out_dir={run}"]
+    job = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, check=True).stdout.strip()
+    deadline = time.time() + 300
+    while not list((run / "checkpoints").glob("step_*")):  # signalled mid-run, after the first checkpoint
+        assert time.time() < deadline, f"no checkpoint: {job_state(job)} {log.read_text()[-3000:] if log.exists() else ''}"
+        time.sleep(0.2)
+    subprocess.run(["scancel", *preempt, job], check=True)
+    wait_jobs(job, 600)
+    text = log.read_text()
+    assert "2 process(es)" in text and "restart 1" in text, text[-4000:]
+    resumed = re.search(r"resumed from \S+/checkpoints/step_(\d+) at step (\d+)", text)
+    assert resumed and int(resumed.group(1)) < 60, f"not resumed mid-run:\n{text[-4000:]}"
+    if "--full" in preempt:
+        assert "requeueing job" in text and "before the trainer confirmed a checkpoint" in text, text[-4000:]
+    else:
+        stopped = int(re.search(r"stop requested: checkpoint at step (\d+)", text).group(1))
+        assert "checkpoint written; requeueing job" in text and int(resumed.group(1)) == stopped, text[-4000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 60
+    want, got = load_weights(two_rank_reference / "final"), load_weights(run / "final")
+    assert all(torch.equal(want[k], got[k]) for k in want), "the preempted run trained something else"

@@ -15,8 +15,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtbert.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """A data file problem; the message names the file and line."""
 
 

@@ -1,0 +1,108 @@
+"""What a start does with the run directory it is given — continue it, or put the old run aside —
+and what a checkpoint holds of a run (``save_run`` / ``resume_run``).
+
+- ``prepare_run_dir``: a directory holding an earlier run that will not be resumed
+  (``train.resume=false``, or no complete checkpoint) is *moved aside* to
+  ``<out_dir>.replaced-<time>`` — appending to its ``metrics.jsonl`` or keeping its stale
+  checkpoints (which a later resume or pruning would pick up) is how runs got mixed. A
+  non-empty directory that is not an mtbert run is refused.
+- ``run_settings`` / ``check_compatible``: every checkpoint stores the settings that decide what
+  is trained (the config minus ``FREE_TO_CHANGE``, the number of processes, the engine and
+  precision); a resume with other settings is refused with the differing fields named, since
+  the sampler positions and optimizer state would silently train something else.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from mtbert import checkpoint as ckpt
+from mtbert.checkpoint import list_checkpoints
+from mtbert.config import ConfigError
+from mtbert.run import LogWindow, Run, TrainState, global_mean_losses
+
+# Settings that do not change the trained weights: a resume may change them.
+FREE_TO_CHANGE = {
+    "train.out_dir", "train.resume", "train.progress", "train.log_every", "train.eval_every",
+    "train.checkpoint_every", "train.keep_last", "train.max_bad_steps", "train.compile",
+    "data.dir", "data.eval_batch_size", "data.max_eval", "method.conflict_stats",
+}
+RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints", "summary.json")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def run_settings(cfg_dict: dict, processes: int, engine: str) -> dict:
+    """The settings a checkpoint records (flat ``section.field`` keys)."""
+    flat = {k: v for k, v in _flatten(cfg_dict).items() if k not in FREE_TO_CHANGE}
+    return {**flat, "processes": processes, "engine": engine}
+
+
+def check_compatible(saved: dict, now: dict, where: Path) -> None:
+    diffs = [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
+             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diffs:
+        raise ConfigError(f"train.resume: {where} was written with other settings ({'; '.join(diffs)}); "
+                          "resume with the same settings, or start a new run (another train.out_dir, "
+                          "or train.resume=false to move this one aside)")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, is_main: bool) -> str | None:
+    """-> a message when an earlier run was moved aside (the caller waits for every rank after)."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    if resume and list_checkpoints(run_dir):
+        return None  # resume() picks the newest valid checkpoint
+    if not any((run_dir / m).exists() for m in RUN_MARKERS):
+        raise ConfigError(f"train.out_dir: {run_dir} is not empty and holds no mtbert run; "
+                          "give a new or empty directory")
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside, n = aside.with_name(f"{aside.name.split('~')[0]}~{n}"), n + 1
+    if is_main:
+        os.replace(run_dir, aside)
+    why = "train.resume=false" if not resume else "it has no complete checkpoint"
+    return f"{run_dir} held an earlier run ({why}): moved it to {aside}"
+
+
+def save_run(run: Run) -> None:
+    global_mean_losses(run.window.stats, run.collectives)  # one window for all ranks (idempotent at log time)
+    state = {**vars(run.state), "sampler": run.sampler.state_dict(), "window": run.window.state_dict(),
+             "settings": run.settings, "scaler": run.scaler.state_dict() if run.scaler else None}
+    ckpt.save_checkpoint(run.accelerator, run.run_dir, run.state.step, state, run.cfg.train.keep_last)
+
+
+def resume_run(run: Run) -> None:
+    """Continue from the newest valid checkpoint in the run directory, if any (and train.resume):
+    the main process verifies checkpoints against their manifests, newest first, and every rank
+    loads the one it chose; a resume with other settings is refused (resume.check_compatible)."""
+    if not run.cfg.train.resume or not ckpt.list_checkpoints(run.run_dir):
+        return
+    path = None
+    if run.accelerator.is_main_process:
+        ckpt.remove_leftovers(run.run_dir)
+        path, _ = ckpt.newest_valid(run.run_dir, run.reporter.print)
+    chosen = run.collectives.gather_objects(str(path) if path else None)[0]
+    if chosen is None:
+        raise ConfigError(f"train.resume: no checkpoint in {run.run_dir / 'checkpoints'} matches its manifest "
+                          "(all corrupt, see above); give another train.out_dir, or train.resume=false to move "
+                          "this run aside")
+    saved = ckpt.read_trainer_state(Path(chosen))
+    check_compatible(saved["settings"], run.settings, Path(chosen))
+    ckpt.load_checkpoint(run.accelerator, Path(chosen))
+    run.state = TrainState(saved["step"], saved["best"], saved["bad_streak"], saved["evaluated"])
+    run.window = LogWindow.from_state(saved["window"])
+    run.sampler.load_state_dict(saved["sampler"])
+    if run.scaler and saved.get("scaler"):
+        run.scaler.load_state_dict(saved["scaler"])
+    run.reporter.truncate_after(run.state.step)
+    run.reporter.print(f"resumed from {chosen} at step {run.state.step}")
+    run.resumed = True
