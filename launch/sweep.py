@@ -75,17 +75,22 @@ def main(argv=None) -> int:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # after --: sbatch options
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.sbatch_args = extra
-    spec = load_spec(args.spec)
-    lines = expand(spec, args.root)
+    try:
+        spec = load_spec(args.spec)
+        lines = expand(spec, args.root)
+    except Exception as e:  # missing file, YAML/TOML syntax, a bad random choice: say which, exit 2
+        print(f"sweep: {args.spec}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     out = args.root / (spec.get("name") or "sweep")
     out.mkdir(parents=True, exist_ok=True)
     sweep_file = out / "sweep.txt"
     sweep_file.write_text("\n".join(lines) + "\n")
     print(f"{len(lines)} trials -> {sweep_file}")
     if args.submit:
-        env_cfg = f"ACCEL_CONFIG={args.accel_config}," if args.accel_config else ""
-        cmd = ["sbatch", "--parsable", f"--array=0-{len(lines) - 1}",
-               f"--export=ALL,{env_cfg}SWEEP_FILE={sweep_file.resolve()}", *args.sbatch_args, "slurm/sweep.sbatch"]
+        # The sweep file (and accelerate config) are arguments of the script, not --export
+        # variables: a user's own --export=... after -- replaces sbatch's, and would drop them.
+        cmd = ["sbatch", "--parsable", f"--array=0-{len(lines) - 1}", *args.sbatch_args, "slurm/sweep.sbatch",
+               str(sweep_file.resolve()), *([args.accel_config] if args.accel_config else [])]
         job = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
         print(f"submitted array job {job}")
     elif args.local:

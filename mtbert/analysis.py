@@ -106,8 +106,20 @@ def write_report(run_dir: Path, worst: int = 8) -> Path:
     return report
 
 
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m mtbert.analysis", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path, help="a run directory (holds config.json and predictions/)")
+    ap.add_argument("--worst", type=int, default=8, help="dev examples with the largest error listed per task")
+    args = ap.parse_args(argv)
+    missing = [n for n in ("config.json", "predictions") if not (args.run_dir / n).exists()]
+    if missing:
+        print(f"analysis: {args.run_dir}: not a finished run directory (no {' or '.join(missing)})", file=sys.stderr)
+        return 2
+    print(write_report(args.run_dir, args.worst))
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python -m mtbert.analysis RUN_DIR", file=sys.stderr)
-        sys.exit(2)
-    print(write_report(Path(sys.argv[1])))
+    sys.exit(main())

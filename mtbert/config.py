@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import sys
 import textwrap
 import typing
@@ -384,6 +385,8 @@ def validate(cfg: Config) -> None:
     """Reject impossible values and combinations before any work; messages name the field."""
     for key, value in _flatten(to_dict(cfg)).items():
         _check_choice(key, value)
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every < / > check
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
     _check_numbers(cfg)
     _check_tasks(cfg)
     _check_method(cfg)
@@ -413,6 +416,18 @@ def _check_numbers(cfg: Config) -> None:
             raise ConfigError(f"{path}: must be >= 0, got {v}")
     if t.lr == 0:
         raise ConfigError("train.lr: must be > 0")
+    for path, v in {"train.temperature": t.temperature, "method.smart_step": m.smart_step,
+                    "method.smart_noise": m.smart_noise}.items():
+        if v <= 0:
+            raise ConfigError(f"{path}: must be > 0, got {v}")
+    for path, v in {"data.max_eval": d.max_eval, "method.smart_weight": m.smart_weight,
+                    "method.arrp_weight": m.arrp_weight}.items():
+        if v < 0:
+            raise ConfigError(f"{path}: must be >= 0, got {v}")
+    if not (cfg.model.dropout == -1 or 0 <= cfg.model.dropout < 1):
+        raise ConfigError(f"model.dropout: -1 (the checkpoint's) or in [0, 1), got {cfg.model.dropout}")
+    if cfg.model.init_weights and not Path(cfg.model.init_weights).is_file():
+        raise ConfigError(f"model.init_weights: no such file {cfg.model.init_weights}")
     if not 0 <= t.warmup < 1:
         raise ConfigError(f"train.warmup: a fraction in [0, 1), got {t.warmup}")
     factor, _, base = t.epoch_steps.rpartition("*")

@@ -20,6 +20,30 @@ def _plain(v):
     return v
 
 
+def check_wandb_ready(log_cfg) -> None:
+    """With ``log.wandb=true``, refuse before any work when W&B could not log: not installed,
+    or online without a login (wandb would fail only after the model and data are loaded)."""
+    if not log_cfg.wandb:
+        return
+    import importlib.util
+
+    from mtbert.config import ConfigError
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb: the wandb package is not installed (pip install wandb), or set log.wandb=false")
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    import netrc
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        if netrc.netrc(os.environ.get("NETRC") or None).authenticators(host):
+            return
+    except (FileNotFoundError, netrc.NetrcParseError):
+        pass
+    raise ConfigError(f"log.wandb: no W&B login for {host}: run `wandb login` (or set WANDB_API_KEY), "
+                      "or log offline with WANDB_MODE=offline (sync later with `wandb sync`)")
+
+
 class Reporter:
     def __init__(self, accelerator, run_dir: Path, cfg_dict: dict, use_wandb: bool, log_cfg=None):
         self.accelerator, self.run_dir, self.main = accelerator, run_dir, accelerator.is_main_process

@@ -56,10 +56,13 @@ def check_compatible(saved: dict, now: dict, where: Path) -> None:
 
 def prepare_run_dir(run_dir: Path, resume: bool, is_main: bool) -> str | None:
     """-> a message when an earlier run was moved aside (the caller waits for every rank after)."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    try:
+        if not any(run_dir.iterdir()):
+            return None
+    except FileNotFoundError:  # (absent, or another rank's main process just moved it)
         return None
     if resume and list_checkpoints(run_dir):
-        return None  # resume() picks the newest valid checkpoint
+        return None  # choose_checkpoint picks the newest valid one
     if not any((run_dir / m).exists() for m in RUN_MARKERS):
         raise ConfigError(f"train.out_dir: {run_dir} is not empty and holds no mtbert run; "
                           "give a new or empty directory")
@@ -80,24 +83,30 @@ def save_run(run: Run) -> None:
     ckpt.save_checkpoint(run.accelerator, run.run_dir, run.state.step, state, run.cfg.train.keep_last)
 
 
-def resume_run(run: Run) -> None:
-    """Continue from the newest valid checkpoint in the run directory, if any (and train.resume):
-    the main process verifies checkpoints against their manifests, newest first, and every rank
-    loads the one it chose; a resume with other settings is refused (resume.check_compatible)."""
-    if not run.cfg.train.resume or not ckpt.list_checkpoints(run.run_dir):
-        return
+def choose_checkpoint(run_dir: Path, resume: bool, settings: dict, is_main: bool, coll) -> Path | None:
+    """The checkpoint this start resumes from, decided before anything is written to the run:
+    the main process verifies checkpoints against their manifests, newest first (reporting each
+    corrupt one), every rank takes its choice, and one written with other settings is refused."""
+    if not resume or not list_checkpoints(run_dir):
+        return None
     path = None
-    if run.accelerator.is_main_process:
-        ckpt.remove_leftovers(run.run_dir)
-        path, _ = ckpt.newest_valid(run.run_dir, run.reporter.print)
-    chosen = run.collectives.gather_objects(str(path) if path else None)[0]
+    if is_main:
+        ckpt.remove_leftovers(run_dir)
+        path, _ = ckpt.newest_valid(run_dir, lambda line: print(line, flush=True))
+    chosen = coll.gather_objects(str(path) if path else None)[0]
     if chosen is None:
-        raise ConfigError(f"train.resume: no checkpoint in {run.run_dir / 'checkpoints'} matches its manifest "
+        raise ConfigError(f"train.resume: no checkpoint in {run_dir / 'checkpoints'} matches its manifest "
                           "(all corrupt, see above); give another train.out_dir, or train.resume=false to move "
                           "this run aside")
-    saved = ckpt.read_trainer_state(Path(chosen))
-    check_compatible(saved["settings"], run.settings, Path(chosen))
-    ckpt.load_checkpoint(run.accelerator, Path(chosen))
+    check_compatible(ckpt.read_trainer_state(Path(chosen))["settings"], settings, Path(chosen))
+    return Path(chosen)
+
+
+def resume_run(run: Run, chosen: Path | None) -> None:
+    """Load the chosen checkpoint (``choose_checkpoint``) into the run, on every rank."""
+    if chosen is None:
+        return
+    saved = ckpt.load_checkpoint(run.accelerator, chosen)
     run.state = TrainState(saved["step"], saved["best"], saved["bad_streak"], saved["evaluated"])
     run.window = LogWindow.from_state(saved["window"])
     run.sampler.load_state_dict(saved["sampler"])

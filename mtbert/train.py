@@ -41,8 +41,8 @@ from mtbert.methods.phases import Phase, build_phases
 from mtbert.model.bert import count_params, from_pretrained
 from mtbert.model.heads import MultitaskModel
 from mtbert.replicas import ranks_agree
-from mtbert.reporting import Reporter
-from mtbert.resume import prepare_run_dir, resume_run, run_settings, save_run
+from mtbert.reporting import Reporter, check_wandb_ready
+from mtbert.resume import choose_checkpoint, prepare_run_dir, resume_run, run_settings, save_run
 from mtbert.run import LogWindow, Run, global_mean_losses
 from mtbert.step import MicroBatch, Stepper
 
@@ -104,8 +104,12 @@ def load_data(cfg: Config, specs: dict, module: MultitaskModel, folder: Path, re
 def setup(cfg: Config, accelerator, autocast, scaler) -> Run:
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     coll = Collectives(world, device)  # every torch.distributed call goes through it
+    engine = f"{accelerator.distributed_type.value}/zero{zero_stage(accelerator)}/{accelerator.mixed_precision}"
+    settings = run_settings(json.loads(json.dumps(to_dict(cfg))), world, engine)
+    # Before anything is written to the run directory: a refused resume leaves it untouched.
     moved = prepare_run_dir(Path(cfg.train.out_dir), cfg.train.resume, accelerator.is_main_process)
     accelerator.wait_for_everyone()
+    chosen = choose_checkpoint(Path(cfg.train.out_dir), cfg.train.resume, settings, accelerator.is_main_process, coll)
     reporter = Reporter(accelerator, Path(cfg.train.out_dir), to_dict(cfg), cfg.log.wandb, cfg.log)
     if moved:
         reporter.print(moved)
@@ -131,11 +135,9 @@ def setup(cfg: Config, accelerator, autocast, scaler) -> Run:
     configure_deepspeed(accelerator, cfg)  # no-op without DeepSpeed
     model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
     stepper = Stepper(accelerator, model, optimizer, scheduler, cfg, list(specs), coll, autocast, scaler)
-    engine = f"{accelerator.distributed_type.value}/zero{zero_stage(accelerator)}/{accelerator.mixed_precision}"
     run = Run(cfg, accelerator, reporter, coll, specs, stepper.module, model, train, dev, test, sampler, phases,
-              total, scheduler, stepper, autocast, scaler, sizes=sizes,
-              settings=run_settings(json.loads(json.dumps(to_dict(cfg))), world, engine))
-    resume_run(run)
+              total, scheduler, stepper, autocast, scaler, sizes=sizes, settings=settings)
+    resume_run(run, chosen)
     process.connect(accelerator)  # SIGTERM / SIGUSR1 -> checkpoint and exit at the next step boundary
     return run
 
@@ -295,6 +297,7 @@ def finish(run: Run) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        check_wandb_ready(cfg.log)
         accelerator, autocast, scaler = make_accelerator(cfg)
         run = setup(cfg, accelerator, autocast, scaler)
     except UserError as e:  # bad config or input: every rank hits the same one

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertModel
 
+from mtbert.errors import UserError
 from mtbert.model.bert import from_pretrained
 
 SENTENCES = [("A man is playing a guitar.", "A man plays the guitar on stage."),
@@ -41,5 +42,5 @@ def test_random_tiny_config_matches_hf(tiny_ckpt, pair):
 def test_alias_and_bad_path():
     model, folder = from_pretrained("minilm-l6")
     assert len(model.layers) == 6 and model.config.hidden_size == 384
-    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+    with pytest.raises(UserError, match="not a checkpoint folder"):
         from_pretrained("./no/such/folder")

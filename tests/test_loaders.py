@@ -45,39 +45,52 @@ def _write(tmp_path, text, name="f.csv"):
 
 
 HEADER = "\tid\tsentence1\tsentence2\tsimilarity\n"
+# case -> (rows after the header, the message, the ids read with skip_bad_rows; each file
+# also ends with a good row "ok", which must be read whatever came before it)
 BAD = {
-    "wrong field count": (HEADER + "0\ta\tx\ty\t1.0\n1\tb\tonly two\n", ":3: 3 fields"),
-    "label out of range": (HEADER + "0\ta\tx\ty\t7.5\n", ":2: label '7.5' outside"),
-    "label not a number": (HEADER + "0\ta\tx\ty\tfive\n", ":2: could not convert|:2: .*five"),
-    "duplicate id": (HEADER + "0\ta\tx\ty\t1.0\n1\ta\tz\tw\t2.0\n", ":3: duplicate id 'a' \\(first on line 2\\)"),
-    "missing column": ("\tid\tsentence1\tsimilarity\n0\ta\tx\t1.0\n", ":1: missing column 'sentence2'"),
-    "non-utf8": (HEADER.encode() + b"0\ta\tx\xff\ty\t1.0\n", ":2: not UTF-8"),
-    "unbalanced quote": (HEADER + '0\ta\t"x\ty\t1.0\n1\tb\tz\tw\t2.0\n', "malformed|fields"),
+    "wrong field count": ("0\ta\tx\ty\t1.0\n1\tb\tonly two\n", ":3: 3 fields", ["a", "ok"]),
+    "label out of range": ("0\ta\tx\ty\t7.5\n", ":2: label '7.5' outside", ["ok"]),
+    "label not a number": ("0\ta\tx\ty\tfive\n", ":2: could not convert|:2: .*five", ["ok"]),
+    "duplicate id": ("0\ta\tx\ty\t1.0\n1\ta\tz\tw\t2.0\n", ":3: duplicate id 'a' \\(first on line 2\\)", ["a", "ok"]),
+    "non-utf8": (b"0\ta\tx\xff\ty\t1.0\n", ":2: not UTF-8", ["a", "ok"]),
+    "unbalanced quote": ('0\ta\t"x\ty\t1.0\n1\tb\tz\tw\t2.0\n2\tc\tu\tv\t3.0\n', ":2: malformed row", ["b", "c", "ok"]),
+    "field over the csv size limit": ("0\ta\t" + "x" * 200_000 + "\ty\t1.0\n1\tb\tz\tw\t2.0\n", ":2: malformed row",
+                                      ["b", "ok"]),
+    "empty sentence": ("0\ta\t \ty\t1.0\n1\tb\tz\t\t2.0\n", ":2: empty sentence \\(text_a\\)", ["ok"]),
 }
+
+
+def _bad_file(tmp_path, case):
+    rows = BAD[case][0]
+    rows = rows if isinstance(rows, bytes) else rows.encode()
+    return _write(tmp_path, HEADER.encode() + rows + b"9\tok\tp\tq\t2.0\n")
 
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_rows_name_file_and_line(tmp_path, case):
-    text, pattern = BAD[case]
-    path = _write(tmp_path, text)
-    with pytest.raises(DataError, match=pattern) as err:
+    path = _bad_file(tmp_path, case)
+    with pytest.raises(DataError, match=BAD[case][1]) as err:
         read_cs224n(path, TASKS["sts"])
     assert str(path) in str(err.value)
 
 
-@pytest.mark.parametrize("case", [c for c in BAD if c != "missing column"])
-def test_skip_bad_rows_policy_counts(tmp_path, case):
-    text, _ = BAD[case]
-    if case == "unbalanced quote":  # the quote swallows the rest of the file: nothing usable left
-        text += "2\tc\tu\tv\t3.0\n"
-    path = _write(tmp_path, (text if isinstance(text, bytes) else text.encode()) + b"9\tok\tp\tq\t2.0\n")
-    try:
-        examples, report = read_cs224n(path, TASKS["sts"], skip_bad_rows=True)
-    except DataError as e:  # only acceptable when nothing usable is left, and it says so
-        assert "no usable rows" in str(e)
-        return
-    assert sum(report.skipped_bad.values()) >= 1
-    assert "skipped" in report.summary()
+def test_missing_column_names_the_header(tmp_path):
+    path = _write(tmp_path, "\tid\tsentence1\tsimilarity\n0\ta\tx\t1.0\n")
+    with pytest.raises(DataError, match=":1: missing column 'sentence2'"):
+        read_cs224n(path, TASKS["sts"])
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_skip_bad_rows_reads_every_good_row_and_accounts_for_the_rest(tmp_path, case):
+    """Before: a csv.Error (stray quote, huge field) ended the file as "one bad row"."""
+    path = _bad_file(tmp_path, case)
+    examples, report = read_cs224n(path, TASKS["sts"], skip_bad_rows=True)
+    assert [e.id for e in examples] == BAD[case][2]
+    data_lines = [line for line in path.read_bytes().split(b"\n")[1:] if line.strip()]
+    assert len(examples) + sum(report.skipped_bad.values()) + report.skipped_empty_label == len(data_lines)
+    assert "skipped" in report.summary() or report.replaced_bytes
+    ok = examples[-1]
+    assert (ok.text_a, ok.text_b, ok.label) == ("p", "q", 2.0)
 
 
 def test_missing_and_empty_file(tmp_path):

@@ -44,8 +44,9 @@ def job_state(job: str) -> tuple[str, str]:
 
 def wait_jobs(job: str, timeout: float) -> None:
     """Poll squeue (sbatch --wait notices completion late) until the job and its array tasks are gone.
-    Slurm holds a requeued job for ~2 minutes (reason BeginTime): the test releases it at once."""
-    deadline = time.time() + timeout
+    Slurm holds a requeued job for ~2 minutes (reason BeginTime); the test releases it after 3 s
+    (a start within the second of the requeue is refused: "Job credential revoked")."""
+    deadline, held = time.time() + timeout, {}
     while queued := subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T %r"], capture_output=True,
                                    text=True).stdout.strip():
         if time.time() > deadline:
@@ -54,7 +55,9 @@ def wait_jobs(job: str, timeout: float) -> None:
         for line in queued.splitlines():
             jid, state, reason = line.split()[:3]
             if state == "PENDING" and reason == "BeginTime":
-                subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+                if time.time() - held.setdefault(jid, time.time()) > 3:
+                    subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+                    held.pop(jid)
         time.sleep(0.5)
 
 
@@ -74,8 +77,9 @@ grid:
 """)
     root = tmp_path / "runs"
     out = subprocess.run([sys.executable, "launch/sweep.py", str(spec), "--root", str(root), "--submit",
-                          "--accel-config", "accelerate_configs/cpu_1proc.yaml", "--", "--time=10",
-                          f"--output={tmp_path}/slurm-%A_%a.out"],
+                          "--accel-config", "accelerate_configs/cpu_1proc.yaml", "--", "--time=10", "--cpus-per-task=1",
+                          # a user's --export (as the README teaches) must not drop the sweep file
+                          "--export=ALL,NPROC=1,MTBERT_SWEEP_TEST=1", f"--output={tmp_path}/slurm-%A_%a.out"],
                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     job = re.search(r"submitted array job (\d+)", out.stdout).group(1)

@@ -148,3 +148,88 @@ def test_bench_quick_prints_ratios(tmp_path):
     assert all(r["speedup_vs_hf"] > 0 for r in rows if r["part"] == "model")
     assert {r["method"] for r in rows if r["part"] == "methods"} >= {"sum", "pcgrad", "gse", "smart"}
     assert "[methods]" in res.stdout and "vs_sum=" in res.stdout
+
+
+def _fake_bin(folder, name, body):
+    path = folder / name
+    path.write_text("#!/bin/bash\n" + body + "\n")
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("setup,gpus,want", [("zero2", None, "2"), ("zero1", 3, "3"), ("zero3", None, "2"),
+                                             ("ddp", 3, "3"), ("ddp", None, None)])
+def test_train_sh_counts_gpus_and_falls_back_without_nvidia_smi(tmp_path, setup, gpus, want):
+    """Before: without nvidia-smi the GPU-count pipeline failed under pipefail: exit 127, no message."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_bin(bin_dir, "accelerate", 'echo "accelerate $*"')
+    if gpus:
+        _fake_bin(bin_dir, "nvidia-smi", f'for i in $(seq 0 {gpus - 1}); do echo "GPU $i: NVIDIA H100 (UUID: x)"; done')
+    # PATH without any real nvidia-smi: the fake bin first, then only the basics
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root")}
+    res = subprocess.run(["bash", str(ROOT / "launch" / "train.sh"), setup, "--train.lr=1e-5"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    if want is None:
+        assert res.returncode == 2 and "no GPUs found for 'ddp'" in res.stderr and "NPROC" in res.stderr
+    else:
+        assert res.returncode == 0, res.stderr
+        assert f"--num_processes {want} mtbert/train.py --train.lr=1e-5" in res.stdout, res.stdout
+        assert f"accelerate_configs/{setup}.yaml" in res.stdout
+
+
+def test_sweep_submit_passes_the_sweep_file_as_an_argument(tmp_path):
+    """A user's --export after -- replaces sbatch's own: the sweep file must not travel in one."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "argv.txt"
+    _fake_bin(bin_dir, "sbatch", f'printf "%s\\n" "$@" > {record}; echo 123')
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\ngrid:\n  train.lr: [1.0e-5, 2.0e-5]\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    res = subprocess.run([sys.executable, "launch/sweep.py", str(spec), "--root", str(tmp_path / "runs"), "--submit",
+                          "--accel-config", "accelerate_configs/cpu_1proc.yaml", "--",
+                          "--export=ALL,NPROC=1", "--time=10"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and "submitted array job 123" in res.stdout, res.stderr
+    argv = record.read_text().splitlines()
+    script = argv.index("slurm/sweep.sbatch")
+    assert argv[script + 1:] == [str((tmp_path / "runs" / "s" / "sweep.txt").resolve()),
+                                 "accelerate_configs/cpu_1proc.yaml"]
+    assert "--export=ALL,NPROC=1" in argv[:script] and not any("SWEEP_FILE" in a for a in argv[:script])
+
+
+def test_wandb_is_refused_before_any_work_without_a_login(tmp_path, monkeypatch):
+    from mtbert.config import ConfigError, LogCfg
+    from mtbert.reporting import check_wandb_ready
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # none there
+    check_wandb_ready(LogCfg(wandb=False))  # off: nothing to check
+    with pytest.raises(ConfigError, match=r"log\.wandb: no W&B login for api\.wandb\.ai: run `wandb login`"):
+        check_wandb_ready(LogCfg(wandb=True))
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password abc\n")
+    check_wandb_ready(LogCfg(wandb=True))
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    with pytest.raises(ConfigError, match="wandb.example.org"):
+        check_wandb_ready(LogCfg(wandb=True))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    check_wandb_ready(LogCfg(wandb=True))
+
+
+def test_wandb_without_login_exits_2_before_loading_anything(tiny_ckpt, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["NETRC"] = str(tmp_path / "none")
+    res = subprocess.run([sys.executable, "mtbert/train.py", *tiny_args(tiny_ckpt, tmp_path / "run"), "--log.wandb=true"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "log.wandb: no W&B login" in res.stderr and "Traceback" not in res.stderr
+    assert "model:" not in res.stdout and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("module", [["-m", "mtbert.analysis"], ["-m", "mtbert.compare"], ["launch/sweep.py"],
+                                    ["launch/compare_methods.py"]])
+def test_tools_print_help_and_name_a_bad_path(tmp_path, module):
+    res = subprocess.run([sys.executable, *module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "usage:" in res.stdout, res.stderr
+    if module[-1] in ("mtbert.analysis", "mtbert.compare", "launch/sweep.py"):
+        bad = tmp_path / "nope"
+        res = subprocess.run([sys.executable, *module, str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and str(bad) in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -1,17 +1,44 @@
 """Full tiny runs through the real trainer: every output file, every method, resume, config errors."""
 
 import json
+import math
 import re
 
 import pytest
 import torch
-
 from conftest import read_metrics, run_main, tiny_args
 
 PRED_FILES = {"sst-dev-output.csv": "Predicted_Sentiment", "sst-test-output.csv": "Predicted_Sentiment",
               "para-dev-output.csv": "Predicted_Is_Paraphrase", "sts-dev-output.csv": "Predicted_Similiary",
               "sts-test-output.csv": "Predicted_Similiary", "cfimdb-dev-output.csv": "Predicted_Sentiment",
               "cfimdb-test-output.csv": "Predicted_Sentiment"}
+
+
+def _check_prediction_files(out, max_eval: int) -> None:
+    """Every prediction file: the header, then one row per row of the split it predicts, with that
+    split's ids in the file's order (the dev split cut to data.max_eval), and a prediction in the
+    task's label space."""
+    from mtbert.config import Config, load_file
+    from mtbert.data.batching import task_file
+    from mtbert.data.cs224n import read_cs224n
+    from mtbert.data.tasks import build_specs
+    cfg = Config()
+    load_file(cfg, str(out / "config.json"))
+    specs = {spec.pred_name: spec for spec in build_specs(cfg).values()}
+    for name, header in PRED_FILES.items():
+        lines = (out / "predictions" / name).read_text().splitlines()
+        assert lines[0] == f"id \t {header} "
+        spec, split = specs[name.split("-")[0]], "dev" if "-dev-" in name else "test"
+        source, _ = read_cs224n(task_file(spec, split, cfg), spec, labeled=split == "dev")
+        want_ids = [e.id for e in source][:max_eval if split == "dev" else None]
+        rows = [line.split(" , ") for line in lines[1:]]
+        assert [ident for ident, _ in rows] == want_ids, f"{name}: ids differ from {split} split's"
+        for _, pred in rows:
+            value = float(pred)
+            if spec.kind == "pair_regression":
+                assert re.fullmatch(r"-?\d+\.\d{4} ", pred) and math.isfinite(value)  # (unclamped: Pearson)
+            else:
+                assert value == int(value) and 0 <= value < spec.num_labels, f"{name}: {pred!r}"
 
 
 def test_full_tiny_run_writes_every_output(tiny_ckpt, tmp_path):
@@ -25,21 +52,7 @@ def test_full_tiny_run_writes_every_output(tiny_ckpt, tmp_path):
     assert train and all({"step", "epoch", "examples_per_s", "loss/sst", "loss/sts"} <= set(r) for r in train)
     assert [r["step"] for r in dev] == [0, 4, 8]
     assert all({"overall", "sst/acc", "quora/acc", "sts/pearson", "cfimdb/acc"} <= set(r) for r in dev)
-    for name, header in PRED_FILES.items():
-        lines = (out / "predictions" / name).read_text().splitlines()
-        assert lines[0] == f"id \t {header} "
-        split = "dev" if "-dev-" in name else "test"
-        task_file = {"sst": "ids-sst", "para": "quora", "sts": "sts", "cfimdb": "ids-cfimdb"}[name.split("-")[0]]
-        assert len(lines) > 1
-        for line in lines[1:]:
-            ident, pred = line.split(" , ")
-            assert re.fullmatch(r"[0-9a-f]{25}", ident)
-            value = float(pred)
-            if name.startswith("sts"):
-                assert re.fullmatch(r"-?\d+\.\d{4} ", pred)
-            else:
-                assert value == int(value)
-        assert split in name and task_file
+    _check_prediction_files(out, max_eval=24)
     assert (out / "best" / "model.safetensors").exists()
     assert any(p.name.startswith("step_") for p in (out / "checkpoints").iterdir())
     summary = json.loads((out / "summary.json").read_text())
@@ -112,3 +125,48 @@ def test_bad_config_rejected_before_any_work(tmp_path, capsys, args, message):
     assert run_main([f"--train.out_dir={out}", *args]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (out / "metrics.jsonl").exists()
+
+
+def _bad_inputs(tiny_ckpt, tmp_path):
+    """(name, extra args, message) of errors found after parsing: checkpoint, heads, data, numbers."""
+    not_bert = tmp_path / "not_bert"
+    not_bert.mkdir()
+    (not_bert / "config.json").write_text("{not json")
+    data = tmp_path / "data"
+    data.mkdir()
+    from mtbert.data.batching import SAMPLE_DIR
+    for f in SAMPLE_DIR.glob("sample_*.csv"):  # the sample under the course's names, one row broken
+        name = f.name.removeprefix("sample_").replace("ids_", "ids-").replace("_", "-")
+        (data / name).write_text(f.read_text())
+    sts = data / "sts-train.csv"
+    lines = sts.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].rsplit("\t", 1)[0] + "\tseven\n"
+    sts.write_text("".join(lines))
+    return [
+        ("missing checkpoint", [f"--model.checkpoint={tmp_path / 'nowhere'}"], "model.checkpoint: .*nowhere is not a checkpoint folder"),
+        ("not a BERT", [f"--model.checkpoint={not_bert}"], "model.checkpoint: .*config.json: cannot read a BERT config"),
+        ("head kind", ["--heads.sst.kind=bi"], "heads.sst.kind: single-sentence task needs `linear`"),
+        ("sharing", ["--model.sharing=F1-S1-I1"], "model.sharing: F1-S1-I1 has 3 layers, the checkpoint has 2"),
+        ("bad row", [f"--data.dir={data}"], f"{sts}:4: could not convert|{sts}:4: .*seven"),
+        ("lr nan", ["--train.lr=nan"], "train.lr: must be a finite number"),
+        ("temperature 0", ["--train.temperature=0"], "train.temperature: must be > 0"),
+        ("max_eval < 0", ["--data.max_eval=-1"], "data.max_eval: must be >= 0"),
+        ("init weights", [f"--model.init_weights={tmp_path / 'w.safetensors'}"], "model.init_weights: no such file"),
+    ]
+
+
+def test_bad_input_found_after_parsing_exits_2_with_one_line_and_no_traceback(tiny_ckpt, tmp_path):
+    """The real entry point (a subprocess): before, these ended in a traceback with exit 1."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    for name, extra, message in _bad_inputs(tiny_ckpt, tmp_path):
+        run = tmp_path / f"run-{name.replace(' ', '_')}"
+        res = subprocess.run([sys.executable, "mtbert/train.py", *tiny_args(tiny_ckpt, run), *extra], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, f"{name}: exit {res.returncode}\n{res.stderr[-2000:]}"
+        assert "Traceback" not in res.stderr, f"{name}: {res.stderr[-2000:]}"
+        assert re.search(message, res.stderr), f"{name}: {res.stderr[-1000:]}"

@@ -10,7 +10,6 @@ counted (a known quirk of the Quora files); other bad rows stop the run unless
 from __future__ import annotations
 
 import csv
-import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +34,16 @@ class LoadReport:
     path: str
     rows: int = 0
     skipped_empty_label: int = 0
-    skipped_bad: dict = field(default_factory=dict)  # problem -> count
+    skipped_bad: dict = field(default_factory=dict)  # problem -> count of rows skipped
+    replaced_bytes: int = 0  # (skip_bad_rows) lines kept with non-UTF-8 bytes replaced by U+FFFD
 
     def summary(self) -> str:
         bad = sum(self.skipped_bad.values())
         extra = f", skipped {self.skipped_empty_label} with an empty label" if self.skipped_empty_label else ""
         if bad:
             extra += f", skipped {bad} bad rows ({', '.join(f'{k}: {v}' for k, v in self.skipped_bad.items())})"
+        if self.replaced_bytes:
+            extra += f", non-UTF-8 bytes replaced on {self.replaced_bytes} line(s)"
         return f"{self.path}: {self.rows} rows{extra}"
 
 
@@ -54,8 +56,24 @@ def _decode(path: Path, skip_bad: bool, report: LoadReport) -> str:
         if not skip_bad:
             raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); "
                             f"fix the file or set data.skip_bad_rows=true") from None
-        report.skipped_bad["not UTF-8 (replaced)"] = report.skipped_bad.get("not UTF-8 (replaced)", 0) + 1
-        return raw.decode("utf-8", errors="replace")
+        text = raw.decode("utf-8", errors="replace")
+        report.replaced_bytes = sum("\ufffd" in line for line in text.split("\n"))
+        return text
+
+
+def _parse_lines(text: str):
+    """-> (line number, fields | csv.Error) for each physical line. A row is one line in these
+    files (no quoted field spans lines: checked on every CS224N file), so parsing line by line
+    confines a stray quote or an oversized field to its own row; read as one stream, the csv
+    module swallowed every line up to the next quote into one field, or stopped the file."""
+    for number, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
+        if not raw.strip():
+            continue
+        try:
+            yield number, next(csv.reader([raw], delimiter="\t", quotechar='"', strict=True))
+        except csv.Error as e:
+            yield number, e
 
 
 def parse_label(text: str, spec) -> float:
@@ -83,11 +101,10 @@ def read_cs224n(path: str | Path, spec, labeled: bool = True, skip_bad_rows: boo
     text = _decode(path, skip_bad_rows, report)
     if not text.strip():
         raise DataError(f"{path}: file is empty")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quotechar='"', strict=True)
-    try:
-        header = next(reader)
-    except csv.Error as e:
-        raise DataError(f"{path}:1: cannot parse the header: {e}") from None
+    lines = _parse_lines(text)
+    _, header = next(lines)
+    if isinstance(header, csv.Error):
+        raise DataError(f"{path}:1: cannot parse the header: {header}")
     roles = ["id", "text_a"] + (["text_b"] if spec.pair else []) + (["label"] if labeled else [])
     where = {}
     for role in roles:
@@ -102,16 +119,10 @@ def read_cs224n(path: str | Path, spec, labeled: bool = True, skip_bad_rows: boo
         report.skipped_bad[kind] = report.skipped_bad.get(kind, 0) + 1
 
     examples, seen = [], {}
-    line = 1
-    while True:
-        line = reader.line_num + 1
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:  # e.g. unbalanced quotes running to the end of the file
-            bad(line, f"malformed row ({e})", "malformed")
-            break
+    for line, row in lines:
+        if isinstance(row, csv.Error):  # a stray quote, a field over the csv size limit: this line only
+            bad(line, f"malformed row ({row})", "malformed")
+            continue
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) != len(header):
@@ -135,9 +146,13 @@ def read_cs224n(path: str | Path, spec, labeled: bool = True, skip_bad_rows: boo
             except ValueError as e:
                 bad(line, str(e), "bad label")
                 continue
-        seen[ex_id] = line
+        text_a = row[where["text_a"]].strip()
         text_b = row[where["text_b"]].strip() if spec.pair else None
-        examples.append(Example(ex_id, row[where["text_a"]].strip(), text_b, label))
+        if not text_a or text_b == "":
+            bad(line, f"empty sentence ({'text_a' if not text_a else 'text_b'})", "empty sentence")
+            continue
+        seen[ex_id] = line
+        examples.append(Example(ex_id, text_a, text_b, label))
     report.rows = len(examples)
     if not examples:
         raise DataError(f"{path}: no usable rows ({report.summary()})")

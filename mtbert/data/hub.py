@@ -45,7 +45,13 @@ def read_hub(spec, split: str, labeled: bool = True, skip_bad_rows: bool = False
                 report.skipped_bad["bad label"] = report.skipped_bad.get("bad label", 0) + 1
                 continue
         ex_id = str(row[id_col]) if id_col and id_col in row else str(i)
-        examples.append(Example(ex_id, str(row[spec.columns["text_a"]]),
-                                str(row[spec.columns["text_b"]]) if spec.pair else None, label))
+        texts = [row[spec.columns[r]] for r in (("text_a", "text_b") if spec.pair else ("text_a",))]
+        texts = ["" if t is None else str(t).strip() for t in texts]
+        if not all(texts):
+            if not skip_bad_rows:
+                raise DataError(f"{where}: row {i}: empty sentence; fix the data or set data.skip_bad_rows=true")
+            report.skipped_bad["empty sentence"] = report.skipped_bad.get("empty sentence", 0) + 1
+            continue
+        examples.append(Example(ex_id, texts[0], texts[1] if spec.pair else None, label))
     report.rows = len(examples)
     return examples, report

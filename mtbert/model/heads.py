@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtbert.config import ConfigError
 from mtbert.model.bert import Bert
 
 
@@ -58,18 +59,18 @@ class TaskHead(nn.Module):
         self.spec = spec
         self.regression = spec.kind == "pair_regression"
         if spec.kind == "single_classification" and self.kind != "linear":
-            raise ValueError(f"heads.{spec.name}.kind: single-sentence task needs `linear`, got {self.kind!r}")
+            raise ConfigError(f"heads.{spec.name}.kind: single-sentence task needs `linear`, got {self.kind!r}")
         if spec.kind != "single_classification" and self.kind == "linear":
-            raise ValueError(f"heads.{spec.name}.kind: pair task needs bi, cos2d, cosine or cross")
+            raise ConfigError(f"heads.{spec.name}.kind: pair task needs bi, cos2d, cosine or cross")
         if self.loss_name == "cosine_embedding" and not (self.kind == "cosine" and self.regression):
-            raise ValueError(f"heads.{spec.name}.loss: cosine_embedding needs a regression task with kind=cosine")
+            raise ConfigError(f"heads.{spec.name}.loss: cosine_embedding needs a regression task with kind=cosine")
         if self.regression != (self.loss_name in ("mse", "cosine_embedding")):
-            raise ValueError(f"heads.{spec.name}.loss: {self.loss_name!r} does not fit a {spec.kind} task")
+            raise ConfigError(f"heads.{spec.name}.loss: {self.loss_name!r} does not fit a {spec.kind} task")
         n_out = 1 if (self.regression or spec.num_labels == 2) else spec.num_labels
         if self.loss_name == "ce" and n_out == 1:
             n_out = 2  # binary task trained with 2-way cross-entropy
         if self.loss_name == "bce" and n_out != 1:
-            raise ValueError(f"heads.{spec.name}.loss: bce needs a binary task")
+            raise ConfigError(f"heads.{spec.name}.loss: bce needs a binary task")
         self.n_out = n_out
         self.drop = nn.Dropout(cfg.dropout)
         d_in = {"linear": hidden, "cross": hidden, "bi": 4 * hidden, "cos2d": 2 * hidden + 1}.get(self.kind)
@@ -133,7 +134,7 @@ class MultitaskModel(nn.Module):
         n_layers = len(encoder.layers)
         frozen_n, shared_n, own_n = parse_sharing(sharing) if sharing else (0, n_layers, 0)
         if frozen_n + shared_n + own_n != n_layers:
-            raise ValueError(f"model.sharing: {sharing} has {frozen_n + shared_n + own_n} layers, "
+            raise ConfigError(f"model.sharing: {sharing} has {frozen_n + shared_n + own_n} layers, "
                              f"the checkpoint has {n_layers}")
         self.heads = nn.ModuleDict({name: TaskHead(spec, head_cfgs[name], encoder.config.hidden_size)
                                     for name, spec in specs.items()})
