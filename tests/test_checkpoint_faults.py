@@ -97,9 +97,9 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_ckpt, tmp_path, 
     assert "log_every" not in err  # free to change
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before, "a refused resume touched the run"
     result = launch("cpu_2proc.yaml", tiny_args(tiny_ckpt, run, "--train.epoch_steps=4", "--train.checkpoint_every=2"))
-    # (torch elastic turns any rank's exit status into 1; the ranks' own is 2)
-    assert result.returncode == 1 and "exitcode  : 2" in result.stderr, result.stderr[-2000:]
-    assert "config error: train.resume:" in result.stderr and "processes: 1 -> 2" in result.stderr
+    # (torch elastic turns any rank's exit status into 1, and may stop the other rank first)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "config error: train.resume:" in out and "processes: 1 -> 2" in out, out[-3000:]
 
 
 def test_a_fresh_start_moves_the_old_run_aside(tiny_ckpt, tmp_path, capsys):

@@ -38,9 +38,10 @@ CASES = covering_design()
 TOL = {("no", "ddp"): (1e-6, 1e-5), ("no", "zero"): (1e-5, 1e-5), ("bf16", "ddp"): (2e-3, 1e-2),
        ("bf16", "zero"): (5e-3, 3e-2)}
 # Per tensor (||diff_k|| / ||ref_k||), fp32 only: one wrong tensor moves by its update (~lr x steps x
-# sqrt(n)), >= 1e-2 of its norm here; measured worst over the matrix 1.2e-5 (2026-11-22). Under bf16 the
-# small-norm LayerNorm biases carry rounding of their own size (up to 0.26): the checks above stand.
-TENSOR_TOL = {"no": 1e-4}
+# sqrt(n)), >= 1e-2 of its norm here; measured worst over the matrix 1.2e-5, and 1.1e-4 (a qkv bias) in a
+# CI rehearsal under load (2026-11-22). Under bf16 the small-norm LayerNorm biases carry rounding of
+# their own size (up to 0.26): the checks above stand.
+TENSOR_TOL = {"no": 1e-3}
 
 
 def case_args(case: dict) -> list[str]:
