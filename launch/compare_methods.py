@@ -44,23 +44,46 @@ def run(args: list[str], log: Path) -> float:
     return time.time() - t0
 
 
+def finished(run_dir: Path, overrides: list[str]) -> bool:
+    """A finished run of exactly these overrides (its config.json equals theirs, less the
+    settings that do not change what is trained)."""
+    if not (run_dir / "summary.json").exists():
+        return False
+    from mtbert.config import parse_args, to_dict
+    from mtbert.resume import run_settings
+    want = run_settings(json.loads(json.dumps(to_dict(parse_args(overrides)))), 1, "")
+    have = run_settings(json.loads((run_dir / "config.json").read_text()), 1, "")
+    if want.get("train.idle_params") == "auto":  # resolved to `keep` in config.json (1 process, no DeepSpeed)
+        want["train.idle_params"] = "keep"
+    return want == have
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cs224n"))
     ap.add_argument("--steps", type=int, default=60, help="round-robin steps of the joint run (the budget)")
     ap.add_argument("--max-eval", type=int, default=600, help="dev examples per task for the table")
     ap.add_argument("--out", type=Path, default=Path("runs/methods"))
-    ap.add_argument("--only", default="", help="comma-separated subset of method names")
+    ap.add_argument("--only", default="", help="comma-separated subset of method titles")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs in OUT that finished with the same settings (summary.json written, same "
+                         "config.json) and run only the others: a long comparison can be continued")
     args = ap.parse_args(argv)
     common = [f"--data.dir={args.data_dir}", "--train.epochs=1", "--train.lr=1e-4", "--data.batch_size=32", "--train.progress=false",
-              f"--data.max_eval={args.max_eval}", "--heads.quora.kind=cross", "--train.resume=false"]
+              f"--data.max_eval={args.max_eval}", "--heads.quora.kind=cross", "--train.resume=false",
+              "--train.predict_test=false"]
     args.out.mkdir(parents=True, exist_ok=True)
     rows, dirs = [], {}
     for name, extra in methods(args.steps).items():
         if args.only and name not in args.only.split(","):
             continue
         d = args.out / slug(name)
-        wall = run([*common, *extra, f"--train.out_dir={d}"], args.out / f"{slug(name)}.log")
+        overrides = [*common, *extra, f"--train.out_dir={d}"]
+        if args.resume and finished(d, overrides):
+            wall = json.loads((d / "summary.json").read_text())["wall_s"]
+            print(f"{name}: kept the finished run in {d}", flush=True)
+        else:
+            wall = run(overrides, args.out / f"{slug(name)}.log")
         dirs[name] = d
         best = json.loads((d / "summary.json").read_text())["best"]
         rows.append((name, best["metrics"], best["overall"], wall))

@@ -13,6 +13,7 @@ import os
 import torch
 
 from mtbert.config import ConfigError
+from mtbert.config import per_task as is_per_task
 from mtbert.optim.loss_scaler import LossScaler
 
 
@@ -35,7 +36,7 @@ def make_accelerator(cfg):
     precision = cfg.train.precision if cfg.train.precision != "auto" else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if precision == "fp16" and not cuda:
         raise ConfigError("train.precision: fp16 needs a GPU (Accelerate silently runs fp32 on CPU); use bf16 or no")
-    per_task = cfg.method.name not in ("sum", "mean")
+    per_task = is_per_task(cfg.method.name)
     if deepspeed and cfg.train.idle_params == "keep":
         raise ConfigError("train.idle_params=keep: DeepSpeed's ZeRO optimizers step every parameter (a zero "
                           "gradient still moves AdamW's moments); use step or auto under DeepSpeed")
@@ -71,6 +72,9 @@ def _refuse_unproved_zero3(cfg) -> None:
     parameters differently from both `idle_params` settings (gradient norms 0.4-4.6% off from
     step 2, tests/test_equivalence.py), so those set-ups are refused."""
     t, m = cfg.train, cfg.method
+    if m.name not in ("sum", "mean"):
+        raise ConfigError(f"method.name={m.name}: under ZeRO-3 only the summed and mean losses are proved equal to "
+                          f"one process; use ZeRO-2 (accelerate_configs/zero2.yaml) or DDP")
     for field, bad in (("train.schedule", t.schedule != "round_robin"), ("method.pairwise", m.pairwise),
                        ("method.arrp_batches", m.arrp_batches > 0), ("train.train_tasks", bool(t.train_tasks))):
         if bad:

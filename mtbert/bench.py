@@ -162,8 +162,28 @@ def _task_batches(cfg, model, tokenizer, specs, n_batches: int):
             for _ in range(n_batches)]
 
 
-def bench_methods(ckpt: str, data_dir: str, quick: bool) -> list[dict]:
-    """Each method's full step (per-task grads + aggregation + AdamW) vs the summed-loss step."""
+FAMILY = ("mgda", "cagrad", "imtl_g", "aligned_mtl", "upgrad", "dualproj", "nash_mtl", "gradvac",
+          "rlw", "uw", "dwa", "famo")
+
+
+def weights_ms(name: str, K: int = 3, repeats: int = 200) -> float:
+    """Milliseconds per call of a Gram method's weights (host, float64) on a K x K Gram with conflicts."""
+    from mtbert.optim.aggregators import AGGREGATORS, update_weights
+    if name.split("_layer")[0] not in AGGREGATORS:
+        return 0.0
+    g = torch.randn(K, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    g[1] = -0.7 * g[0] + 0.5 * g[1]
+    gram = g @ g.T
+    name = name.split("_layer")[0]
+    t0 = time.perf_counter()
+    for i in range(repeats):
+        update_weights(name, gram, torch.Generator().manual_seed(i))
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def bench_methods(ckpt: str, data_dir: str, quick: bool, only: tuple = ()) -> list[dict]:
+    """Each method's full step (per-task grads + aggregation + AdamW) vs the summed-loss step,
+    and the Gram methods' weight computation alone (``weights_ms``, K = 3)."""
     from accelerate import Accelerator
     from transformers import AutoTokenizer
     from mtbert.config import HeadCfg, parse_args
@@ -175,7 +195,11 @@ def bench_methods(ckpt: str, data_dir: str, quick: bool) -> list[dict]:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     variants = {"sum": [], "pcgrad": ["--method.name=pcgrad"], "pcgrad_no_stats": ["--method.name=pcgrad",
                 "--method.conflict_stats=false"], "gse": ["--method.name=gse"], "smart": ["--method.smart=true"],
-                "rr_pcgrad_smart": ["--method.name=pcgrad", "--method.smart=true"]}
+                "rr_pcgrad_smart": ["--method.name=pcgrad", "--method.smart=true"],
+                "pcgrad_layer": ["--method.name=pcgrad", "--method.gram_blocks=layer"],
+                **{m: [f"--method.name={m}"] for m in FAMILY}}
+    if only:
+        variants = {n: a for n, a in variants.items() if n == "sum" or n in only}
     base = [f"--model.checkpoint={ckpt}", "--data.batch_size=" + ("8" if quick else "32"), "--model.dropout=0"]
     if data_dir:
         base.append(f"--data.dir={data_dir}")
@@ -201,7 +225,8 @@ def bench_methods(ckpt: str, data_dir: str, quick: bool) -> list[dict]:
             steppers[name].step(i, [batches[i % len(batches)]], phase)
         return run
     t = alternate({n: make(n) for n in variants}, 3 if quick else 5)
-    return [{"part": "methods", "method": n, "step_s": s, "vs_sum": s / t["sum"]} for n, s in t.items()]
+    return [{"part": "methods", "method": n, "step_s": s, "vs_sum": s / t["sum"], "weights_ms": weights_ms(n)}
+            for n, s in t.items()]
 
 
 def bench_padding(ckpt: str, data_dir: str, quick: bool) -> list[dict]:
@@ -329,6 +354,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="model,optimizer,methods,padding,dist")
     ap.add_argument("--data-dir", default=os.environ.get("MTBERT_DATA_DIR", ""), help="CS224N files (default: sample)")
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
+    ap.add_argument("--methods", default="", help="methods part: a comma-separated subset (the summed step always runs)")
     ap.add_argument("--dist-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.dist_worker:
@@ -344,7 +370,7 @@ def main(argv=None) -> int:
     if "optimizer" in parts:
         rows += bench_optimizer(ckpt, device)
     if "methods" in parts:
-        rows += bench_methods(ckpt, args.data_dir, args.quick)
+        rows += bench_methods(ckpt, args.data_dir, args.quick, tuple(filter(None, args.methods.split(","))))
     if "padding" in parts:
         rows += bench_padding(ckpt, args.data_dir, args.quick)
     if "dist" in parts:

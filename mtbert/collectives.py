@@ -26,8 +26,8 @@ class CollectiveDeviceError(AssertionError):
 
 
 class Collectives:
-    def __init__(self, world: int, device, ops=None):
-        self.world = world
+    def __init__(self, world: int, device, ops=None, rank: int = 0):
+        self.world, self.rank = world, rank
         self.device = torch.device(device)
         if ops is None and world > 1:
             import torch.distributed as ops

@@ -178,18 +178,45 @@ class TrainCfg:
     """torch.compile the encoder."""
     progress: bool = True
     """tqdm progress bar on the main process."""
+    predict_test: bool = True
+    """Write the test splits' predictions at the end (off for method comparisons and sweeps, which
+    read dev metrics only: the full test files take minutes on a CPU)."""
 
 
 @dataclass
 class MethodCfg:
     name: str = "sum"
-    """Gradient combination: `sum` (summed losses), `mean`, `pcgrad`, `gse` (mean of projected,
-    then a second update with the plain combined gradient)."""
+    """How the tasks are combined. Summed path (one backward): `sum`, `mean`, `rlw` (random loss
+    weights), `uw` (uncertainty weighting), `dwa` (dynamic weight average), `famo`. Per-task
+    gradients (K backwards, weights from their Gram matrix): `pcgrad`, `gse` (mean of projected,
+    then a second update with the plain combined gradient), `mgda`, `cagrad`, `imtl_g`,
+    `aligned_mtl`, `upgrad`, `dualproj`, `nash_mtl`, `gradvac`. Sources: --help's method list."""
     pcgrad_reduction: str = "sum"
     """PCGrad update: `sum` of projected gradients (Yu et al. 2020) or `mean`."""
     reducer: str = "allreduce"
     """Multi-process per-task gradient reduction: `allreduce` ([K,P] in buckets) or `sharded`
     (reduce-scatter + K x K Gram all-reduce)."""
+    gram_blocks: str = "whole"
+    """Per-task methods: `whole` (one Gram over all shared parameters) or `layer` (one Gram per
+    block: the embeddings, each encoder layer, the rest; each block gets its own weights: per-layer
+    PCGrad, GradVac's per-layer targets). Not with nash_mtl (one solve per step)."""
+    cagrad_c: float = 0.5
+    """CAGrad's c: the update stays within c ||g0|| of the mean gradient g0 (Liu et al. 2021)."""
+    cagrad_rescale: int = 1
+    """CAGrad's rescale of the authors' code: 0 none, 1 divide by 1 + c^2, 2 divide by 1 + c."""
+    gradvac_beta: float = 0.01
+    """GradVac's EMA rate of the per-pair cosine targets (Wang et al. 2021 use 1e-2)."""
+    dwa_temperature: float = 2.0
+    """DWA's temperature T (Liu et al. 2019 use 2)."""
+    dwa_window: int = 50
+    """DWA: steps per loss-averaging window (the paper's is an epoch)."""
+    famo_lr: float = 0.025
+    """FAMO: Adam learning rate of the task logits xi (the authors' default)."""
+    famo_decay: float = 0.01
+    """FAMO: gamma, the L2 decay of xi (the authors' default)."""
+    uw_lr: float = 0.01
+    """UW: learning rate of the log-variances s_k (AdamW group of their own, no weight decay;
+    at fine-tuning rates like 1e-4 they would barely move)."""
     conflict_stats: bool = True
     """Log gradient-conflict statistics (pairwise cosines, conflict fraction, norm ratio)."""
     smart: bool = False
@@ -237,13 +264,25 @@ class Config:
     task_defs: dict[str, TaskDefCfg] = field(default_factory=dict)
 
 
+# The methods (their registries: optim/loss_weighting.py, optim/aggregators/; a test keeps these in step).
+LOSS_METHODS = ("sum", "mean", "rlw", "uw", "dwa", "famo")  # summed path: one backward
+GRADIENT_METHODS = ("pcgrad", "gse", "mgda", "cagrad", "imtl_g", "aligned_mtl", "upgrad", "dualproj", "nash_mtl",
+                    "gradvac")  # per-task gradients
+
+
+def per_task(method_name: str) -> bool:
+    return method_name in GRADIENT_METHODS
+
+
 CHOICES = {
     "model.encoder": {"finetune", "frozen"},
     "train.lr_schedule": {"linear", "cosine", "constant"},
     "train.precision": {"auto", "no", "bf16", "fp16"},
     "train.idle_params": {"auto", "keep", "step"},
     "train.schedule": {"round_robin", "proportional", "annealed", "temperature", "union", "sequential"},
-    "method.name": {"sum", "mean", "pcgrad", "gse"},
+    "method.name": {*LOSS_METHODS, *GRADIENT_METHODS},
+    "method.gram_blocks": {"whole", "layer"},
+    "method.cagrad_rescale": {0, 1, 2},
     "method.pcgrad_reduction": {"sum", "mean"},
     "method.reducer": {"allreduce", "sharded"},
     "method.arrp_freeze": {"none", "all_but_head"},
@@ -466,7 +505,7 @@ def _check_tasks(cfg: Config) -> None:
 def _check_method(cfg: Config) -> None:
     t, m = cfg.train, cfg.method
     trained = t.train_tasks or cfg.data.tasks
-    multi = {"method.name": m.name in ("pcgrad", "gse"), "method.pairwise": m.pairwise,
+    multi = {"method.name": m.name not in ("sum", "mean"), "method.pairwise": m.pairwise,
              "method.arrp_batches": m.arrp_batches > 0}
     for path, on in multi.items():
         if on and len(trained) < 2:
@@ -475,12 +514,34 @@ def _check_method(cfg: Config) -> None:
         raise ConfigError("method.arrp_batches: ARRP extends round-robin training; set train.schedule=round_robin")
     if m.pairwise and t.schedule != "round_robin":
         raise ConfigError("method.pairwise: pairs are trained round-robin; set train.schedule=round_robin")
+    _check_method_family(cfg)
     if cfg.model.sharing:
         from mtbert.model.heads import parse_sharing
         try:
             parse_sharing(cfg.model.sharing)
         except ValueError as e:
             raise ConfigError(f"model.sharing: {e}") from None
+
+
+def _check_method_family(cfg: Config) -> None:
+    """Hyper-parameters of the gradient and loss-weighting methods, and their unproved combinations."""
+    m = cfg.method
+    if m.gram_blocks != "whole" and not per_task(m.name):
+        raise ConfigError(f"method.gram_blocks={m.gram_blocks}: block Grams are for per-task methods "
+                          f"({', '.join(GRADIENT_METHODS)}), not method.name={m.name}")
+    if m.gram_blocks != "whole" and m.name == "nash_mtl":
+        raise ConfigError("method.gram_blocks: nash_mtl solves one bargaining problem per step; use whole")
+    for path, v, ok in (("method.cagrad_c", m.cagrad_c, m.cagrad_c >= 0),
+                        ("method.gradvac_beta", m.gradvac_beta, 0 < m.gradvac_beta <= 1),
+                        ("method.dwa_temperature", m.dwa_temperature, m.dwa_temperature > 0),
+                        ("method.dwa_window", m.dwa_window, m.dwa_window > 0),
+                        ("method.famo_lr", m.famo_lr, m.famo_lr > 0), ("method.famo_decay", m.famo_decay, m.famo_decay >= 0),
+                        ("method.uw_lr", m.uw_lr, m.uw_lr > 0)):
+        if not ok:
+            raise ConfigError(f"{path}: out of range, got {v} (see --help)")
+    if m.name == "famo" and m.smart:
+        raise ConfigError("method.smart: FAMO's loss-change update re-evaluates the plain task losses; "
+                          "SMART's noise terms are not part of them (not supported together)")
 
 
 def to_dict(cfg) -> dict:

@@ -22,6 +22,12 @@ def fingerprint(model: torch.nn.Module) -> torch.Tensor:
     return out
 
 
-def ranks_agree(model: torch.nn.Module, collectives: Collectives) -> bool:
-    """True if every rank's fingerprint equals rank 0's bit for bit (True for one process)."""
-    return collectives.all_equal(fingerprint(model))
+def ranks_agree(model: torch.nn.Module, collectives: Collectives, method_state: dict | None = None) -> bool:
+    """True if every rank's fingerprint equals rank 0's bit for bit (True for one process). The
+    method's state (GradVac targets, Nash-MTL warm start, DWA/FAMO) is part of it: it must be
+    computed from all-reduced values only."""
+    fp = fingerprint(model)
+    if method_state:
+        state = torch.cat([v.reshape(-1) for _, v in sorted(method_state.items())]).to(fp.device)
+        fp = torch.cat([fp, torch.stack([state.sum(), (state * state).sum()])])
+    return collectives.all_equal(fp)

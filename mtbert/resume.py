@@ -21,12 +21,13 @@ from pathlib import Path
 from mtbert import checkpoint as ckpt
 from mtbert.checkpoint import list_checkpoints
 from mtbert.config import ConfigError
+from mtbert.optim.aggregators.base import state_from_json, state_to_json
 from mtbert.run import LogWindow, Run, TrainState, global_mean_losses
 
 # Settings that do not change the trained weights: a resume may change them.
 FREE_TO_CHANGE = {
     "train.out_dir", "train.resume", "train.progress", "train.log_every", "train.eval_every",
-    "train.checkpoint_every", "train.keep_last", "train.max_bad_steps", "train.compile",
+    "train.checkpoint_every", "train.keep_last", "train.max_bad_steps", "train.compile", "train.predict_test",
     "data.dir", "data.eval_batch_size", "data.max_eval", "method.conflict_stats",
 }
 RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints", "summary.json")
@@ -79,7 +80,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, is_main: bool) -> str | None:
 def save_run(run: Run) -> None:
     global_mean_losses(run.window.stats, run.collectives)  # one window for all ranks (idempotent at log time)
     state = {**vars(run.state), "sampler": run.sampler.state_dict(), "window": run.window.state_dict(),
-             "settings": run.settings, "scaler": run.scaler.state_dict() if run.scaler else None}
+             "settings": run.settings, "scaler": run.scaler.state_dict() if run.scaler else None,
+             "method_state": state_to_json(run.stepper.method_state)}  # GradVac/Nash-MTL/DWA/FAMO: identical on all ranks
     ckpt.save_checkpoint(run.accelerator, run.run_dir, run.state.step, state, run.cfg.train.keep_last)
 
 
@@ -112,6 +114,7 @@ def resume_run(run: Run, chosen: Path | None) -> None:
     run.sampler.load_state_dict(saved["sampler"])
     if run.scaler and saved.get("scaler"):
         run.scaler.load_state_dict(saved["scaler"])
+    run.stepper.method_state = state_from_json(saved.get("method_state", {}))
     run.reporter.truncate_after(run.state.step)
     run.reporter.print(f"resumed from {chosen} at step {run.state.step}")
     run.resumed = True

@@ -7,12 +7,17 @@ the ranks' (averaged) gradients the gradient of the global mean loss, also when 
 examples are split unevenly (union schedule) or a rank got none of them.
 
 Two paths:
-- **summed** (method sum/mean): the tasks' losses are added and back-propagated once, through
-  the prepared (DDP / DeepSpeed) model, exactly as any Accelerate script does.
-- **per-task** (pcgrad, gse): each task's loss is back-propagated on its own into row k of a
+- **summed** (sum, mean and the loss weightings rlw, uw, dwa, famo: optim/loss_weighting.py):
+  the tasks' losses are combined and back-propagated once, through the prepared (DDP /
+  DeepSpeed) model, exactly as any Accelerate script does.
+- **per-task** (pcgrad, gse, mgda, cagrad, imtl_g, aligned_mtl, upgrad, dualproj, nash_mtl,
+  gradvac: optim/aggregators/): each task's loss is back-propagated on its own into row k of a
   flat [K, P] buffer (optim/gradients.py), the reducer makes the rows global, the aggregator
-  turns their Gram matrix into update weights, and ``w @ G`` becomes the shared ``.grad``.
-  The forward runs on the unwrapped module, so DDP never sees several backward passes.
+  turns their (block) Gram matrices into update weights, and ``w @ G`` becomes the shared
+  ``.grad``. The forward runs on the unwrapped module, so DDP never sees several backward passes.
+Stateful methods (gradvac, nash_mtl, dwa, famo) keep ``Stepper.method_state``: float64 tensors
+over the run's tasks, updated from all-reduced values only (identical on every rank) and saved
+in every checkpoint (resume.py).
 
 fp16 in the per-task path uses ``optim/loss_scaler.LossScaler`` (rows are unscaled before the
 dot products). A step whose Gram diagonal is not finite (inf/NaN in some task gradient) is
@@ -29,9 +34,11 @@ import torch
 from mtbert.collectives import Collectives
 from mtbert.engines import make_engine
 from mtbert.methods.smart import smart_loss
-from mtbert.optim.aggregators import conflict_stats, update_weights
+from mtbert.optim import aggregators, loss_weighting
+from mtbert.optim.aggregators import GramInputs, conflict_stats
 from mtbert.optim.gradients import GradientBuffers, make_reducer
 from mtbert.optim.loss_scaler import LossScaler
+from mtbert.optim.loss_weighting import LOSS_WEIGHTINGS, WeightingInputs
 
 if TYPE_CHECKING:  # annotations only: accelerate is imported by the caller
     from accelerate import Accelerator
@@ -65,18 +72,22 @@ class Stepper:
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler, cfg: Config, tasks: list[str], collectives: Collectives | None = None,
                  autocast: Callable | None = None, scaler: LossScaler | None = None):
-        collectives = collectives or Collectives(accelerator.num_processes, accelerator.device)
-        self.accelerator, self.model, self.cfg = accelerator, model, cfg
+        collectives = collectives or Collectives(accelerator.num_processes, accelerator.device,
+                                                 rank=accelerator.process_index)
+        self.accelerator, self.model, self.cfg, self.collectives = accelerator, model, cfg, collectives
         self.module = accelerator.unwrap_model(model)  # the MultitaskModel itself
         self.autocast = autocast or accelerator.autocast
         self.scaler = scaler
-        self.per_task = cfg.method.name not in ("sum", "mean")
+        self.per_task = cfg.method.name not in LOSS_WEIGHTINGS
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.engine = make_engine(accelerator, model, optimizer, scheduler, self.params, cfg, self.per_task)
         self.tasks = list(tasks)
         if self.per_task:
-            self.buffers = GradientBuffers(self.module, tasks, collectives.world)
+            self.buffers = GradientBuffers(self.module, tasks, collectives.world, cfg.method.gram_blocks)
             self.reducer = make_reducer(cfg.method.reducer, collectives)
+            self.method_state = aggregators.initial_state(cfg.method.name, len(tasks), len(self.buffers.blocks))
+        else:
+            self.method_state = loss_weighting.initial_state(cfg.method.name, len(tasks))
 
     def _task_loss(self, task, batch, out, share, phase, noise_seed):
         """share x loss scale x (task loss [+ SMART]) for head output ``out``."""
@@ -103,7 +114,8 @@ class Stepper:
         return self._summed_step(step, micro_batches, phase)
 
     def _summed_step(self, step, micro_batches, phase):
-        n = len(micro_batches)
+        n, spec = len(micro_batches), LOSS_WEIGHTINGS[self.cfg.method.name]
+        generator = seeded_generator(self.cfg.train.seed, step)  # RLW's draws: the same on every rank
         losses = {}
         for i, mb in enumerate(micro_batches):
             # One call of the wrapped model for all tasks: DDP with find_unused_parameters
@@ -113,9 +125,11 @@ class Stepper:
                 outs = self.model(mb.batches, head_only=phase.head_only)
             parts = {t: self._task_loss(t, b, outs[t], mb.shares[t], phase, self._noise_seed(step, i, t))
                      for t, b in mb.batches.items()}
-            total = sum(parts.values())
-            if self.cfg.method.name == "mean":
-                total = total / len(mb.batches)  # the step's task count (global), not this rank's
+            names = [t for t in self.tasks if t in parts]  # the run's task order, on every rank
+            inputs = WeightingInputs(self._task_index(names), generator, self.cfg.method,
+                                     lambda: self._global_losses([parts[t].detach() for t in names]),
+                                     getattr(self.module, "loss_log_vars", None))
+            total = spec.combine([parts[t] for t in names], inputs, self.method_state)
             self.engine.backward(total / n, last=i == n - 1)
             for t, v in parts.items():
                 losses[t] = losses.get(t, 0) + v.detach() / n
@@ -123,7 +137,34 @@ class Stepper:
         self.engine.clear_frozen(self._head_only(phase))
         stats["grad_norm"], applied = self.engine.step(per_task=False)
         stats["skipped"] = not applied
+        if spec.after_step and applied:
+            names = [t for t in self.tasks if t in losses]
+            after = self._losses_after_update(micro_batches, phase, names) if spec.reevaluate else None
+            spec.after_step(self.method_state, self._task_index(names),
+                            self._global_losses([losses[t] for t in names]), after, self.cfg.method)
         return stats
+
+    def _task_index(self, names: list[str]) -> torch.Tensor:
+        return torch.tensor([self.tasks.index(t) for t in names], dtype=torch.long)
+
+    def _global_losses(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's share-weighted task losses -> the global batch's ([k] float64, host):
+        their mean over ranks (one all-reduce of k floats on the run device)."""
+        flat = torch.stack([v.float().reshape(()) for v in values]).to(self.collectives.device)
+        self.collectives.all_reduce_mean_(flat)
+        return flat.double().cpu()
+
+    @torch.no_grad()
+    def _losses_after_update(self, micro_batches, phase, names: list[str]) -> torch.Tensor:
+        """The same micro-batches' global task losses after the update (FAMO's delta)."""
+        n, total = len(micro_batches), dict.fromkeys(names, 0.0)
+        for mb in micro_batches:
+            with self.autocast():
+                outs = self.module(mb.batches, head_only=phase.head_only)
+                for t, b in mb.batches.items():
+                    loss = self.module.heads[t].loss(outs[t], b["labels"]) * (mb.shares[t] * phase.loss_scale)
+                    total[t] = total[t] + loss.detach() / n
+        return self._global_losses([torch.as_tensor(total[t]) for t in names])
 
     def _head_only(self, phase) -> list | None:
         """The parameters that train in ARRP's head-only batches (None: all of them)."""
@@ -137,23 +178,25 @@ class Stepper:
         present = [t for t in self.tasks if t in planned]
         losses = self._per_task_gradients(step, micro_batches, phase, present)
         rows = self.buffers.rows(present)  # [k, P_pad]
-        gram, local_rows, moved = self.reducer.reduce(rows, [self.buffers.priv_flat[t] for t in present])
+        gram, local_rows, blocks, moved = self.reducer.reduce(rows, [self.buffers.priv_flat[t] for t in present],
+                                                              self.buffers.blocks)  # gram: [L, k, k]
         stats = {f"loss/{t}": v for t, v in losses.items()}
         stats["comm_bytes"] = moved
-        finite = bool(torch.isfinite(gram.diagonal()).all())  # identical on every rank
+        finite = bool(torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all())  # identical on every rank
         if self.scaler:
             self.scaler.update(not finite)
         if not finite:
             self.engine.skip()
             stats["skipped"], stats["grad_norm"] = True, torch.tensor(float("nan"))
             return stats
-        gram_cpu = gram.cpu()  # [k, k] float64
-        updates = update_weights(self.cfg.method.name, gram_cpu, seeded_generator(self.cfg.train.seed, step),
-                                 self.cfg.method.pcgrad_reduction)
+        gram_cpu = gram.cpu()  # [L, k, k] float64
+        inputs = GramInputs(gram_cpu, self._task_index(present), seeded_generator(self.cfg.train.seed, step),
+                            self.cfg.method)
+        updates = aggregators.aggregate(self.cfg.method.name, inputs, self.method_state)  # each [L, k]
         if self.cfg.method.conflict_stats and len(present) > 1:
             stats.update({f"conflict/{k}": v for k, v in conflict_stats(gram_cpu, updates[0]).items()})
         for j, w in enumerate(updates):  # GSE makes two updates from the same gradients
-            self.buffers.set_update(w, local_rows)
+            self.buffers.set_update(w, local_rows, blocks)
             stats["comm_bytes"] += self.reducer.finish(self.buffers.update)
             stats["grad_norm"], applied = self.engine.apply_update(self.buffers, present, self._head_only(phase),
                                                                    last=j == len(updates) - 1)

@@ -40,6 +40,7 @@ from mtbert.evaluate import evaluate, predict, write_predictions
 from mtbert.methods.phases import Phase, build_phases
 from mtbert.model.bert import count_params, from_pretrained
 from mtbert.model.heads import MultitaskModel
+from mtbert.optim.loss_weighting import LOSS_WEIGHTINGS
 from mtbert.replicas import ranks_agree
 from mtbert.reporting import Reporter, check_wandb_ready
 from mtbert.resume import choose_checkpoint, prepare_run_dir, resume_run, run_settings, save_run
@@ -57,6 +58,9 @@ def param_groups(model, cfg):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        if name == "loss_log_vars":  # UW's log-variances: a rate of their own, no decay
+            groups["uw"] = {"params": [p], "lr": cfg.method.uw_lr, "weight_decay": 0.0}
+            continue
         own = name.startswith(("heads.", "task_layers."))
         decay = p.ndim > 1
         key = (own, decay)
@@ -73,10 +77,15 @@ def build_model(cfg: Config, reporter: Reporter, world: int, device):
     encoder, folder = from_pretrained(cfg.model.checkpoint, cfg.model.dropout)
     specs = build_specs(cfg)
     module = MultitaskModel(encoder, specs, {t: cfg.heads.get(t, HeadCfg()) for t in specs},
-                            cfg.model.sharing, frozen=cfg.model.encoder == "frozen")
+                            cfg.model.sharing, frozen=cfg.model.encoder == "frozen",
+                            loss_log_vars=LOSS_WEIGHTINGS[cfg.method.name].learnable if cfg.method.name in LOSS_WEIGHTINGS
+                            else False)
     if cfg.model.init_weights:
         from safetensors.torch import load_file
-        module.load_state_dict(load_file(cfg.model.init_weights))
+        weights = load_file(cfg.model.init_weights)
+        if not hasattr(module, "loss_log_vars"):
+            weights.pop("loss_log_vars", None)  # a UW run's weights, fine-tuned by another method
+        module.load_state_dict(weights)
     n_params, n_train = count_params(module), count_params(module, trainable_only=True)
     # fp32 weights (4 B) of every parameter + grad and two AdamW moments (12 B) of trainable ones
     state_mb = (4 * n_params + 12 * n_train) / 2 ** 20
@@ -103,7 +112,7 @@ def load_data(cfg: Config, specs: dict, module: MultitaskModel, folder: Path, re
 
 def setup(cfg: Config, accelerator, autocast, scaler) -> Run:
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    coll = Collectives(world, device)  # every torch.distributed call goes through it
+    coll = Collectives(world, device, rank=rank)  # every torch.distributed call goes through it
     engine = f"{accelerator.distributed_type.value}/zero{zero_stage(accelerator)}/{accelerator.mixed_precision}"
     settings = run_settings(json.loads(json.dumps(to_dict(cfg))), world, engine)
     # Before anything is written to the run directory: a refused resume leaves it untouched.
@@ -271,11 +280,11 @@ def finish(run: Run) -> None:
     accelerator, run_dir, world = run.accelerator, run.run_dir, run.collectives.world
     ckpt.save_weights(accelerator, run.model, run_dir / "final", {"step": run.state.step})
     sharded = zero_stage(accelerator) == 3  # ZeRO-3: each rank holds a shard of the parameters
-    agree = None if sharded else ranks_agree(run.module, run.collectives)
+    agree = None if sharded else ranks_agree(run.module, run.collectives, run.stepper.method_state)
     if agree is False:
         run.reporter.print("error: the processes ended with different parameters; the launch is not data-parallel")
     info = None if sharded else ckpt.load_best(run.module, run_dir)
-    for split_name, splits in (("dev", run.dev), ("test", run.test)):
+    for split_name, splits in (("dev", run.dev), ("test", run.test if run.cfg.train.predict_test else {})):
         for t, split in splits.items():
             if split is None:
                 continue

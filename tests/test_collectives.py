@@ -51,18 +51,31 @@ def _read_back_ok(fn):
         assert "meta" in str(e).lower(), e
 
 
+@pytest.mark.parametrize("blocks", ["whole", "layer"])
 @pytest.mark.parametrize("reducer", ["allreduce", "sharded"])
-def test_reducers_hand_only_run_device_tensors_to_collectives(reducer):
+def test_reducers_hand_only_run_device_tensors_to_collectives(reducer, blocks):
     group = RecordingGroup()
-    coll = Collectives(world=2, device="meta", ops=group)
+    coll = Collectives(world=2, device="meta", ops=group, rank=1)
     model = TwoTaskModel().to("meta")
-    buf = GradientBuffers(model, ["a", "b"], world=2)
+    buf = GradientBuffers(model, ["a", "b"], world=2, gram_blocks=blocks)
     red = make_reducer(reducer, coll)
-    gram, _, _ = red.reduce(buf.rows(["a", "b"]), [buf.priv_flat["a"], buf.priv_flat["b"]])
+    gram, _, _, _ = red.reduce(buf.rows(["a", "b"]), [buf.priv_flat["a"], buf.priv_flat["b"]], buf.blocks)
     red.finish(buf.update)
     assert group.calls, "the reducer made no collective call"
     assert all(dev == "meta" for call in group.calls for dev in call[1:]), group.calls
-    assert gram.device.type == "meta"
+    assert gram.device.type == "meta" and gram.shape == (len(buf.blocks), 2, 2)
+
+
+def test_the_loss_weightings_global_losses_reduce_on_the_run_device():
+    """DWA and FAMO all-reduce the step's task losses (host scalars or CPU tensors in the step)."""
+    from types import SimpleNamespace
+
+    from mtbert.step import Stepper
+    group = RecordingGroup()
+    coll = Collectives(world=2, device="meta", ops=group)
+    _read_back_ok(lambda: Stepper._global_losses(SimpleNamespace(collectives=coll),
+                                                 [torch.tensor(1.0), torch.tensor(2.0)]))
+    assert group.calls and all(dev == "meta" for call in group.calls for dev in call[1:]), group.calls
 
 
 def test_replica_check_and_loss_logging_use_the_run_device():

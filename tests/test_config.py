@@ -40,6 +40,18 @@ def test_a_config_file_is_read_and_overridden(tmp_path):
     (["--method.name=pcgrad", "--data.tasks=sst"], "method.name"),
     (["--heads.nope.kind=bi"], "heads.nope"),
     (["--preset=nope"], "--preset"),
+    (["--method.name=mgda", "--data.tasks=sst"], "method.name"),
+    (["--method.name=sum", "--method.gram_blocks=layer"], "method.gram_blocks"),
+    (["--method.name=nash_mtl", "--method.gram_blocks=layer"], "method.gram_blocks"),
+    (["--method.name=famo", "--method.smart=true"], "method.smart"),
+    (["--method.name=cagrad", "--method.cagrad_c=-1"], "method.cagrad_c"),
+    (["--method.name=cagrad", "--method.cagrad_rescale=3"], "method.cagrad_rescale"),
+    (["--method.name=gradvac", "--method.gradvac_beta=0"], "method.gradvac_beta"),
+    (["--method.name=dwa", "--method.dwa_window=0"], "method.dwa_window"),
+    (["--method.name=dwa", "--method.dwa_temperature=0"], "method.dwa_temperature"),
+    (["--method.name=famo", "--method.famo_lr=0"], "method.famo_lr"),
+    (["--method.name=uw", "--method.uw_lr=-1"], "method.uw_lr"),
+    (["--method.name=mtl"], "method.name"),
 ])
 def test_errors_name_the_field(args, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -149,3 +149,22 @@ def test_bf16_parameters_keep_fp32_rows_and_the_fp32_pcgrad_weights(tiny_ckpt):
     torch.testing.assert_close(w, w32, rtol=1e-12, atol=0)
     w16 = pcgrad_weights(gram_matrix(exact.bfloat16()), g.manual_seed(0))  # what bf16 rows gave
     assert not torch.equal(w, w16)
+
+
+def test_block_grams_of_the_shards_sum_to_the_full_block_grams():
+    """The sharded reducer's partial block Grams (each rank's columns cut by the parameter blocks)
+    add up to the block Grams of the full rows, for blocks that straddle shard boundaries."""
+    from mtbert.optim.gradients import block_gram, block_ranges, local_blocks
+    names = ["encoder.emb.word.weight", "encoder.emb.norm.bias", "encoder.layers.0.qkv.weight",
+             "encoder.layers.0.qkv.bias", "encoder.layers.1.ffn.weight", "extra.weight"]
+    sizes = [7, 2, 9, 3, 8, 4]
+    world = 3
+    P_pad = -(-sum(sizes) // world) * world
+    blocks = block_ranges(names, sizes, P_pad, "layer")
+    assert blocks == [(0, 9), (9, 21), (21, 29), (29, P_pad)]
+    rows = torch.randn(3, P_pad, dtype=torch.float64)
+    rows[:, sum(sizes):] = 0
+    n = P_pad // world
+    partial = sum(block_gram(rows[:, r * n:(r + 1) * n], local_blocks(blocks, r * n, n)) for r in range(world))
+    torch.testing.assert_close(partial, block_gram(rows, blocks), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(partial.sum(0), rows @ rows.T, rtol=1e-12, atol=1e-12)

@@ -45,3 +45,13 @@ def test_compare_methods_runs_every_comparable_method():
 def test_the_readme_methods_table_is_the_registrys():
     assert markdown_table() in (ROOT / "README.md").read_text(), \
         "README's methods table is out of date: paste `python -m mtbert.methods.registry`"
+
+
+def test_the_method_names_config_accepts_are_the_registries():
+    from mtbert.config import GRADIENT_METHODS, LOSS_METHODS
+    from mtbert.optim.aggregators import AGGREGATORS
+    from mtbert.optim.loss_weighting import LOSS_WEIGHTINGS
+    assert set(LOSS_METHODS) == set(LOSS_WEIGHTINGS)
+    assert set(GRADIENT_METHODS) == set(AGGREGATORS) - {"sum", "mean"}
+    in_registry = {o.split("=", 1)[1] for s in METHODS.values() for o in s.overrides if o.startswith("--method.name=")}
+    assert set(GRADIENT_METHODS) | set(LOSS_METHODS) <= in_registry | {"sum"}, "a method without a registry entry"

@@ -129,7 +129,8 @@ class TaskHead(nn.Module):
 class MultitaskModel(nn.Module):
     """One shared encoder, optional per-task top layers, one head per task."""
 
-    def __init__(self, encoder: Bert, specs: dict, head_cfgs: dict, sharing: str = "", frozen: bool = False):
+    def __init__(self, encoder: Bert, specs: dict, head_cfgs: dict, sharing: str = "", frozen: bool = False,
+                 loss_log_vars: bool = False):
         super().__init__()
         n_layers = len(encoder.layers)
         frozen_n, shared_n, own_n = parse_sharing(sharing) if sharing else (0, n_layers, 0)
@@ -150,6 +151,8 @@ class MultitaskModel(nn.Module):
             encoder.emb.requires_grad_(False)
             encoder.layers[:frozen_n].requires_grad_(False)
         self.sharing = (frozen_n, shared_n, own_n)
+        if loss_log_vars:  # uncertainty weighting's learnable log sigma_k^2, one per task (optim/loss_weighting.py)
+            self.loss_log_vars = nn.Parameter(torch.zeros(len(specs)))
 
     def encode(self, task, ids, mask, types=None, inputs_embeds=None):
         h = self.encoder(ids, mask, types, inputs_embeds)  # [B, T, H]

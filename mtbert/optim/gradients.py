@@ -16,6 +16,11 @@ Reducers (design: every method = weights from the Gram matrix; the reducer is sw
   float64 partial Gram matrix all-reduced (K x K), weights identical on every rank, the
   update formed on the shard and all-gathered. Moves (K + 1) P (N-1)/N floats per rank.
 Byte counts are per rank per step under the ring model (what NCCL/gloo ring algorithms send).
+
+Block Gram (``method.gram_blocks=layer``): the shared columns are cut into parameter blocks
+(the embeddings, each encoder layer, the rest) and the reducers return one Gram per block,
+``[L, K, K]`` (their sum is the full Gram), all-reduced in one collective under the sharded
+reducer; the aggregator may then give each block its own weights (per-layer PCGrad, GradVac).
 """
 
 from __future__ import annotations
@@ -24,6 +29,47 @@ import torch
 
 from mtbert.collectives import Collectives
 from mtbert.optim.pcgrad import gram_matrix
+
+Blocks = list[tuple[int, int]]  # [start, end) column ranges of the shared gradient, in order
+
+
+def block_key(name: str) -> str:
+    """The block a parameter belongs to: up to its layer index (``encoder.layers.3``), else its
+    first two name parts (``encoder.emb``), else its module (``body``)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return ".".join(parts[:2] if len(parts) > 2 else parts[:1])
+
+
+def block_ranges(names: list[str], sizes: list[int], P_pad: int, mode: str) -> Blocks:
+    """``whole``: one block; ``layer``: consecutive parameters with the same ``block_key``."""
+    if mode == "whole" or not names:
+        return [(0, P_pad)]
+    out, start, offset = [], 0, 0
+    for i, (name, n) in enumerate(zip(names, sizes)):
+        offset += n
+        if i + 1 == len(names) or block_key(names[i + 1]) != block_key(name):
+            out.append((start, offset))
+            start = offset
+    out[-1] = (out[-1][0], P_pad)  # the padding columns (zeros) join the last block
+    return out
+
+
+def block_gram(rows: torch.Tensor, blocks: Blocks) -> torch.Tensor:
+    """[k, n] columns and their block ranges (local to these columns) -> [L, k, k] float64."""
+    k = rows.shape[0]
+    out = torch.zeros(len(blocks), k, k, dtype=torch.float64, device=rows.device)
+    for b, (s, e) in enumerate(blocks):
+        if e > s:
+            out[b] = gram_matrix(rows[:, s:e])
+    return out
+
+
+def local_blocks(blocks: Blocks, start: int, n: int) -> Blocks:
+    """The block ranges inside columns [start, start + n), relative to start (may be empty)."""
+    return [(min(max(s - start, 0), n), min(max(e - start, 0), n)) for s, e in blocks]
 
 
 def _views(flat: torch.Tensor, params: list) -> list[torch.Tensor]:
@@ -37,7 +83,7 @@ def _views(flat: torch.Tensor, params: list) -> list[torch.Tensor]:
 class GradientBuffers:
     """Flat per-task gradient storage for one model and a fixed task list."""
 
-    def __init__(self, model: torch.nn.Module, tasks: list[str], world: int = 1):
+    def __init__(self, model: torch.nn.Module, tasks: list[str], world: int = 1, gram_blocks: str = "whole"):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         own = {t: set(model.task_parameter_names(t)) for t in tasks}
         all_own = set().union(*own.values())
@@ -53,6 +99,8 @@ class GradientBuffers:
         P_pad = -(-self.P // world) * world  # divisible by the world size for reduce-scatter
         self.G = torch.zeros(len(tasks), P_pad, dtype=dtype, device=ref.device)  # [K, P_pad]
         self.update = torch.zeros(P_pad, dtype=dtype, device=ref.device)  # [P_pad]
+        shared_names = [n for n, _ in named if n not in all_own]
+        self.blocks = block_ranges(shared_names, [p.numel() for p in self.shared], P_pad, gram_blocks)
         self.row_views = [_views(self.G[k], self.shared) for k in range(len(tasks))]
         self.update_views = _views(self.update, self.shared)
         self.priv_flat = {t: torch.zeros(sum(p.numel() for p in ps), dtype=dtype, device=ref.device)
@@ -98,10 +146,16 @@ class GradientBuffers:
             return self.G[idx[0]:idx[0] + len(idx)]  # a view: no copy
         return self.G[idx]
 
-    def set_update(self, w: torch.Tensor, rows: torch.Tensor) -> None:
+    def set_update(self, w: torch.Tensor, rows: torch.Tensor, blocks: Blocks | None = None) -> None:
         """update <- w @ rows. rows: [k, P_pad], or [k, P_pad/N] columns of this rank under the
-        sharded reducer (its ``finish`` then all-gathers the rest of ``self.update``)."""
-        torch.mv(rows.T, w.to(rows.dtype), out=self.update[:rows.shape[1]])
+        sharded reducer (its ``finish`` then all-gathers the rest of ``self.update``).
+        w: [k], or [L, k] per block with ``blocks`` the block ranges local to ``rows``."""
+        if w.dim() == 1 or w.shape[0] == 1:
+            torch.mv(rows.T, w.reshape(-1).to(rows.dtype), out=self.update[:rows.shape[1]])
+            return
+        for wb, (s, e) in zip(w, blocks):
+            if e > s:
+                torch.mv(rows[:, s:e].T, wb.to(rows.dtype), out=self.update[s:e])
 
     def attach_update(self) -> None:
         """shared .grad <- views of the update, for the optimizer."""
@@ -112,9 +166,9 @@ class GradientBuffers:
 class LocalReducer:
     world = 1
 
-    def reduce(self, rows: torch.Tensor, private: list[torch.Tensor]):
-        """-> (gram [k, k] float64, rows to combine, bytes moved)."""
-        return gram_matrix(rows), rows, 0
+    def reduce(self, rows: torch.Tensor, private: list[torch.Tensor], blocks: Blocks):
+        """-> (block Grams [L, k, k] float64, rows to combine, their block ranges, bytes moved)."""
+        return block_gram(rows, blocks), rows, blocks, 0
 
     def finish(self, update: torch.Tensor) -> int:
         return 0
@@ -131,13 +185,13 @@ class AllReduceReducer:
     def __init__(self, coll: Collectives):
         self.coll, self.world = coll, coll.world
 
-    def reduce(self, rows, private):
+    def reduce(self, rows, private, blocks):
         self.coll.all_reduce_mean_(rows)  # rows is [k, P_pad] (a view of G or a copy)
         moved = _ring_bytes(rows, self.world)
         for flat in private:
             self.coll.all_reduce_mean_(flat)
             moved += _ring_bytes(flat, self.world)
-        return gram_matrix(rows), rows, moved
+        return block_gram(rows, blocks), rows, blocks, moved
 
     def finish(self, update):
         return 0
@@ -149,19 +203,20 @@ class ShardedReducer:
     def __init__(self, coll: Collectives):
         self.coll, self.world = coll, coll.world
 
-    def reduce(self, rows, private):
+    def reduce(self, rows, private, blocks):
         k, P_pad = rows.shape
         n = P_pad // self.world
         shard = torch.empty(k, n, dtype=rows.dtype, device=rows.device)  # [k, P/N]: this rank's columns
         for i in range(k):  # each task row: averaged, and scattered by column blocks
             self.coll.reduce_scatter_mean(shard[i], rows[i])
-        gram = gram_matrix(shard)
-        self.coll.all_reduce_sum_(gram)  # sum of partial Gram matrices over column blocks = full Gram
+        mine = local_blocks(blocks, self.coll.rank * n, n)  # each parameter block's part in this shard
+        gram = block_gram(shard, mine)  # [L, k, k] partial
+        self.coll.all_reduce_sum_(gram)  # sums of partial Grams over column blocks = the full block Grams
         moved = _ring_bytes(rows, self.world, 1) + 2 * gram.numel() * 8
         for flat in private:
             self.coll.all_reduce_mean_(flat)
             moved += _ring_bytes(flat, self.world)
-        return gram, shard, moved
+        return gram, shard, mine, moved
 
     def finish(self, update: torch.Tensor) -> int:
         """The update was formed on this rank's columns (first P/N of ``update``): gather all."""
