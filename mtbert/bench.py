@@ -191,6 +191,7 @@ def bench_methods(ckpt: str, data_dir: str, quick: bool, only: tuple = ()) -> li
     from mtbert.methods.phases import Phase
     from mtbert.model.bert import from_pretrained
     from mtbert.model.heads import MultitaskModel
+    from mtbert.optim.loss_weighting import has_learnable_weights
     from mtbert.step import Stepper
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     variants = {"sum": [], "pcgrad": ["--method.name=pcgrad"], "pcgrad_no_stats": ["--method.name=pcgrad",
@@ -209,7 +210,8 @@ def bench_methods(ckpt: str, data_dir: str, quick: bool, only: tuple = ()) -> li
         torch.manual_seed(0)
         enc, folder = from_pretrained(cfg.model.checkpoint, 0.0)
         specs = build_specs(cfg)
-        model = MultitaskModel(enc, specs, {t: HeadCfg(dropout=0.0) for t in specs}).to(accelerator.device)
+        model = MultitaskModel(enc, specs, {t: HeadCfg(dropout=0.0) for t in specs},
+                               loss_log_vars=has_learnable_weights(cfg.method.name)).to(accelerator.device)
         if batches is None:
             batches = _task_batches(cfg, model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
             batches = [{t: {k: v.to(accelerator.device) for k, v in b.items()} for t, b in bb.items()} for bb in batches]

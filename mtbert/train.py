@@ -40,7 +40,7 @@ from mtbert.evaluate import evaluate, predict, write_predictions
 from mtbert.methods.phases import Phase, build_phases
 from mtbert.model.bert import count_params, from_pretrained
 from mtbert.model.heads import MultitaskModel
-from mtbert.optim.loss_weighting import LOSS_WEIGHTINGS
+from mtbert.optim.loss_weighting import has_learnable_weights
 from mtbert.replicas import ranks_agree
 from mtbert.reporting import Reporter, check_wandb_ready
 from mtbert.resume import choose_checkpoint, prepare_run_dir, resume_run, run_settings, save_run
@@ -78,8 +78,7 @@ def build_model(cfg: Config, reporter: Reporter, world: int, device):
     specs = build_specs(cfg)
     module = MultitaskModel(encoder, specs, {t: cfg.heads.get(t, HeadCfg()) for t in specs},
                             cfg.model.sharing, frozen=cfg.model.encoder == "frozen",
-                            loss_log_vars=LOSS_WEIGHTINGS[cfg.method.name].learnable if cfg.method.name in LOSS_WEIGHTINGS
-                            else False)
+                            loss_log_vars=has_learnable_weights(cfg.method.name))
     if cfg.model.init_weights:
         from safetensors.torch import load_file
         weights = load_file(cfg.model.init_weights)

@@ -21,7 +21,8 @@ REL = 1e-6
 def conflicting(K: int, P: int = 60, seed: int | None = None) -> torch.Tensor:
     """[K, P] float64 with at least one conflicting pair (negative dot product)."""
     g = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2 ** 31))
-    G = torch.randn(K, P, generator=g, dtype=torch.float64) * torch.rand(K, 1, generator=g, dtype=torch.float64).add(0.2)
+    scales = torch.rand(K, 1, generator=g, dtype=torch.float64).add(0.2)  # unequal norms
+    G = torch.randn(K, P, generator=g, dtype=torch.float64) * scales
     G[1] = -0.7 * G[0] + 0.5 * G[1]  # tasks 0 and 1 pull against each other
     assert (G @ G.T < 0).any()
     return G
@@ -199,7 +200,8 @@ def gradvac_reference(G, blocks, target, beta, generator):
                 phi = gi @ gj / (gi.norm() * gj.norm() + 1e-8)
                 t = target[b, i, j]
                 if phi < t:
-                    w = gi.norm() * (t * (1 - phi ** 2).sqrt() - phi * (1 - t ** 2).sqrt()) / (gj.norm() * (1 - t ** 2).sqrt() + 1e-8)
+                    w = gi.norm() * (t * (1 - phi ** 2).sqrt() - phi * (1 - t ** 2).sqrt()) / (
+                        gj.norm() * (1 - t ** 2).sqrt() + 1e-8)
                     pc[i, s:e] = gi + w * gj
                 target[b, i, j] = (1 - beta) * t + beta * phi
     return pc.sum(0)

@@ -146,7 +146,8 @@ def test_bench_quick_prints_ratios(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["part"] for r in rows} == {"model", "methods", "padding"}
     assert all(r["speedup_vs_hf"] > 0 for r in rows if r["part"] == "model")
-    assert {r["method"] for r in rows if r["part"] == "methods"} >= {"sum", "pcgrad", "gse", "smart"}
+    from mtbert.bench import FAMILY
+    assert {r["method"] for r in rows if r["part"] == "methods"} >= {"sum", "pcgrad", "gse", "smart", *FAMILY}
     assert "[methods]" in res.stdout and "vs_sum=" in res.stdout
 
 

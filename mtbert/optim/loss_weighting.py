@@ -154,6 +154,11 @@ LOSS_WEIGHTINGS: dict[str, LossWeightingSpec] = {
 }
 
 
+def has_learnable_weights(name: str) -> bool:
+    """The method adds ``loss_log_vars`` to the model (UW)."""
+    return name in LOSS_WEIGHTINGS and LOSS_WEIGHTINGS[name].learnable
+
+
 def initial_state(name: str, K: int) -> State:
     spec = LOSS_WEIGHTINGS[name]
     return spec.init_state(K) if spec.init_state else {}
