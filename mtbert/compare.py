@@ -99,6 +99,33 @@ def table(runs: list[RunSummary]) -> str:
     return "\n".join(lines)
 
 
+def _legend(r: RunSummary, runs: list[RunSummary]) -> str:
+    """The method's title; with the run's name where several runs share a title."""
+    return r.method if sum(o.method == r.method for o in runs) == 1 else f"{r.method} ({r.name})"
+
+
+def _score_bars(plt, runs: list[RunSummary], tasks: list):
+    """One horizontal bar chart per task (and overall): a row per run, sorted by overall, the
+    axis zoomed to the scores' range so that differences of 0.01 show (legible for 25 runs)."""
+    order = sorted(runs, key=lambda r: r.best().get("overall", 0.0))
+    cols = [(f"{t}/{m}", f"{t} {m}") for t, m in tasks] + [("overall", "overall")]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols) + 2.5, 0.28 * len(runs) + 1.2),
+                             sharey=True, squeeze=False)
+    for ax, (key, title) in zip(axes[0], cols):
+        vals = [r.best().get(key, 0.0) for r in order]
+        ax.barh(range(len(order)), vals, color="tab:blue")
+        lo, hi = min(vals), max(vals)
+        ax.set_xlim(max(0.0, lo - 0.15 * (hi - lo + 1e-3) - 0.01), hi + 0.1 * (hi - lo + 1e-3) + 0.005)
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:.3f}", va="center", fontsize=6)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(order)), [_legend(r, runs) for r in order], fontsize=7)
+    axes[0][0].set_ylabel("best dev score per run")
+    fig.tight_layout()
+    return fig
+
+
 def plot(runs: list[RunSummary], out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -110,7 +137,7 @@ def plot(runs: list[RunSummary], out: Path) -> list[Path]:
     for ax, (task, metric) in zip(axes[0], tasks + [("overall", "")]):
         for r in runs:
             xs, ys = ([d["step"] for d in r.dev], [d["overall"] for d in r.dev]) if task == "overall" else r.curve(task, metric)
-            ax.plot(xs, ys, marker="o", ms=3, label=r.name)
+            ax.plot(xs, ys, marker="o", ms=3, label=_legend(r, runs))
         ax.set_title(f"{task} {metric}".strip())
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -120,18 +147,7 @@ def plot(runs: list[RunSummary], out: Path) -> list[Path]:
     fig.savefig(curves, dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(runs) * (len(tasks) + 1) / 2), 3.8))
-    width = 0.8 / max(len(runs), 1)
-    labels = [t for t, _ in tasks] + ["overall"]
-    for i, r in enumerate(runs):
-        b = r.best()
-        vals = [b.get(f"{t}/{m}", 0.0) for t, m in tasks] + [b.get("overall", 0.0)]
-        ax.bar([j + i * width for j in range(len(labels))], vals, width, label=r.name)
-    ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(labels))], labels)
-    ax.set_ylabel("best dev score")
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    fig = _score_bars(plt, runs, tasks)
     bars = out / "final_scores.png"
     fig.savefig(bars, dpi=110)
     plt.close(fig)

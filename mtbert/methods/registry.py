@@ -51,12 +51,12 @@ METHODS: dict[str, MethodSpec] = {
     "pcgrad": MethodSpec(
         "PCGrad (RR-PCGrad)", "Yu et al. 2020, Alg. 1; seeds: RR-PCGrad = PCGrad + round-robin",
         ("--method.name=pcgrad",),
-        "optim/pcgrad.py (weights from the Gram), optim/aggregators.py, optim/gradients.py (rows, reducers), "
+        "optim/pcgrad.py (weights from the Gram), optim/aggregators/projection.py, optim/gradients.py (rows, reducers), "
         "step.py per-task path",
         "ZeRO-3 (partitioned parameters: no per-task gradients)"),
     "gse": MethodSpec(
         "GSE", "seed 'An Exploration of Fine-Tuning Techniques on minBERT': PCGrad-mean update, then the plain sum",
-        ("--method.name=gse",), "optim/aggregators.py (_gse: two weight vectors); step.py runs both updates",
+        ("--method.name=gse",), "optim/aggregators/projection.py (_gse: two weight vectors); step.py runs both updates",
         "ZeRO-3"),
     "a_pcgrad": MethodSpec(
         "A-PCGrad", "seeds: PCGrad + annealed sampling (Stickland & Murray 2019)",
