@@ -219,11 +219,11 @@ def bench_methods(ckpt: str, data_dir: str, quick: bool, only: tuple = ()) -> li
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         steppers[name] = Stepper(accelerator, model, opt, sched, cfg, list(specs))
     phase = Phase(tuple(batches[0]), 1, 1, "bench")
-    counter = {"i": 0}
+    calls = dict.fromkeys(variants, 0)  # per method: its r-th call gets batch r, like every other method's
 
     def make(name):
         def run():
-            i = counter["i"] = counter["i"] + 1
+            i = calls[name] = calls[name] + 1
             steppers[name].step(i, [batches[i % len(batches)]], phase)
         return run
     t = alternate({n: make(n) for n in variants}, 3 if quick else 5)
