@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from mtbert.collectives import Collectives
+from mtbert.config import per_task
 from mtbert.engines import make_engine
 from mtbert.methods.smart import smart_loss
 from mtbert.optim import aggregators, loss_weighting
@@ -78,7 +79,7 @@ class Stepper:
         self.module = accelerator.unwrap_model(model)  # the MultitaskModel itself
         self.autocast = autocast or accelerator.autocast
         self.scaler = scaler
-        self.per_task = cfg.method.name not in LOSS_WEIGHTINGS
+        self.per_task = per_task(cfg.method.name)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.engine = make_engine(accelerator, model, optimizer, scheduler, self.params, cfg, self.per_task)
         self.tasks = list(tasks)

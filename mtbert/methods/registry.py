@@ -41,6 +41,9 @@ class MethodSpec:
         return self.overrides if self.marks is None else self.marks
 
 
+FAMILY_REFUSES = ("ZeRO-3; on several processes: schedules other than round_robin, pairwise, ARRP, SMART, "
+                  "sharing, train_tasks, bf16, ZeRO-1 (not in the equivalence matrix)")
+
 METHODS: dict[str, MethodSpec] = {
     "sum": MethodSpec(
         "sum (joint RR)", "seeds' joint-training baseline", (),
@@ -94,48 +97,48 @@ METHODS: dict[str, MethodSpec] = {
         "per-layer PCGrad", "Yu et al. 2020, per parameter block (one Gram per encoder layer)",
         ("--method.name=pcgrad", "--method.gram_blocks=layer"),
         "optim/gradients.py (block_ranges, block_gram: [L, K, K] in one collective); optim/aggregators/base.py "
-        "(per_block)", "ZeRO-3"),
+        "(per_block)", FAMILY_REFUSES),
     "mgda": MethodSpec(
         "MGDA", "Sener & Koltun 2018: min-norm point of the convex hull (exact for any K: an NNLS)",
-        ("--method.name=mgda",), "optim/aggregators/min_norm.py (mgda_weights)", "ZeRO-3"),
+        ("--method.name=mgda",), "optim/aggregators/min_norm.py (mgda_weights)", FAMILY_REFUSES),
     "cagrad": MethodSpec(
         "CAGrad", "Liu et al. 2021: conflict-averse gradient (c = method.cagrad_c)",
-        ("--method.name=cagrad",), "optim/aggregators/min_norm.py (cagrad_weights: SLSQP on the simplex)", "ZeRO-3"),
+        ("--method.name=cagrad",), "optim/aggregators/min_norm.py (cagrad_weights: SLSQP on the simplex)", FAMILY_REFUSES),
     "imtl_g": MethodSpec(
         "IMTL-G", "Liu et al. 2021: equal projections on every unit task gradient (closed form)",
-        ("--method.name=imtl_g",), "optim/aggregators/closed_form.py", "ZeRO-3"),
+        ("--method.name=imtl_g",), "optim/aggregators/closed_form.py", FAMILY_REFUSES),
     "aligned_mtl": MethodSpec(
         "Aligned-MTL", "Senushkin et al. 2023: aligned singular values (eigendecomposition of the Gram)",
-        ("--method.name=aligned_mtl",), "optim/aggregators/closed_form.py", "ZeRO-3"),
+        ("--method.name=aligned_mtl",), "optim/aggregators/closed_form.py", FAMILY_REFUSES),
     "upgrad": MethodSpec(
         "UPGrad", "Quinton & Rey 2024 (torchjd): mean of the projections onto the dual cone",
-        ("--method.name=upgrad",), "optim/aggregators/min_norm.py (NNLS per task)", "ZeRO-3"),
+        ("--method.name=upgrad",), "optim/aggregators/min_norm.py (NNLS per task)", FAMILY_REFUSES),
     "dualproj": MethodSpec(
         "DualProj", "Quinton & Rey 2024 (torchjd): the mean gradient projected onto the dual cone",
-        ("--method.name=dualproj",), "optim/aggregators/min_norm.py", "ZeRO-3"),
+        ("--method.name=dualproj",), "optim/aggregators/min_norm.py", FAMILY_REFUSES),
     "nash_mtl": MethodSpec(
         "Nash-MTL", "Navon et al. 2022: Nash bargaining weights (M a = 1/a; state: the warm start)",
         ("--method.name=nash_mtl",), "optim/aggregators/nash.py (Newton on the convex potential)",
-        "ZeRO-3; method.gram_blocks=layer"),
+        FAMILY_REFUSES + "; method.gram_blocks=layer"),
     "gradvac": MethodSpec(
         "GradVac", "Wang et al. 2021: gradient vaccine (EMA cosine targets per task pair; state)",
         ("--method.name=gradvac",), "optim/aggregators/projection.py (_gradvac; targets [L, K, K] in the state)",
-        "ZeRO-3"),
+        FAMILY_REFUSES),
     # -- loss weighting: no per-task gradients, the summed path --
     "rlw": MethodSpec(
         "RLW", "Lin et al. 2022: random loss weights, softmax of N(0, I) per step",
-        ("--method.name=rlw",), "optim/loss_weighting.py", "ZeRO-3"),
+        ("--method.name=rlw",), "optim/loss_weighting.py", FAMILY_REFUSES),
     "uw": MethodSpec(
         "UW", "Kendall et al. 2018: uncertainty weighting (learnable log-variances)",
-        ("--method.name=uw",), "optim/loss_weighting.py; model/heads.py (loss_log_vars)", "ZeRO-3"),
+        ("--method.name=uw",), "optim/loss_weighting.py; model/heads.py (loss_log_vars)", FAMILY_REFUSES),
     "dwa": MethodSpec(
         "DWA", "Liu et al. 2019: dynamic weight average (loss ratios of the last two windows; state)",
-        ("--method.name=dwa",), "optim/loss_weighting.py", "ZeRO-3",
+        ("--method.name=dwa",), "optim/loss_weighting.py", FAMILY_REFUSES,
         budget=lambda s: [f"--train.epoch_steps={s}", f"--method.dwa_window={max(1, s // 6)}"]),
     "famo": MethodSpec(
         "FAMO", "Liu et al. 2023: fast adaptive multitask optimisation (task logits; state)",
         ("--method.name=famo",), "optim/loss_weighting.py; step.py (_losses_after_update)",
-        "ZeRO-3; method.smart"),
+        FAMILY_REFUSES + "; method.smart"),
     "ensemble": MethodSpec(
         "ensemble (PCGrad + per-task fine-tune)", "seeds: per-task fine-tunes of a joint model, ensembled",
         (), "methods/ensemble.py (python -m mtbert.methods.ensemble RUN_DIR)", compare=False, preset=False, marks=()),
