@@ -56,10 +56,6 @@ def make_accelerator(cfg):
                       kwargs_handlers=handlers, log_with="wandb" if cfg.log.wandb else None,
                       gradient_accumulation_steps=1,  # mtbert accumulates itself (engines.py)
                       step_scheduler_with_optimizer=False)  # else it steps N times per step on N processes
-    if per_task and zero_stage(accelerator) == 3:
-        raise ConfigError(f"method.name={cfg.method.name}: ZeRO-3 partitions the parameters themselves, so "
-                          f"per-task gradients cannot be taken; use ZeRO-1/2 (accelerate_configs/zero2.yaml) "
-                          f"or method.reducer=sharded under DDP")
     if zero_stage(accelerator) == 3:
         _refuse_unproved_zero3(cfg)
     refuse_unproved_family(cfg, accelerator.num_processes, zero_stage(accelerator), precision)
@@ -67,6 +63,9 @@ def make_accelerator(cfg):
     return accelerator, autocast, LossScaler() if own_fp16 else None
 
 
+# Per-task methods on ZeRO-3's gradient partitions (engines/zero3.py), in the equivalence matrix.
+ZERO3_PER_TASK = ("pcgrad", "gse", "mgda", "cagrad", "imtl_g", "aligned_mtl", "upgrad", "dualproj", "nash_mtl",
+                  "gradvac")
 SEED_METHODS = ("sum", "mean", "pcgrad", "gse")  # proved with every schedule, phase and precision
 PROVED_BLOCKS = ("pcgrad", "gradvac")  # method.gram_blocks=layer is in the matrix for these
 
@@ -99,17 +98,27 @@ def _refuse_unproved_zero3(cfg) -> None:
     """ZeRO-3 is proved equal to 1 process only where every step gives every parameter a
     gradient (round-robin over all tasks). With a task absent from a step, ZeRO-3 moved the idle
     parameters differently from both `idle_params` settings (gradient norms 0.4-4.6% off from
-    step 2, tests/test_equivalence.py), so those set-ups are refused."""
+    step 2, tests/test_equivalence.py), so those set-ups are refused. Per-task methods run on the
+    gradient partitions (engines/zero3.py) and are proved for the Gram methods (PCGrad and GSE in
+    fp32 and bf16, the family in fp32), without SMART or per-task layers; the loss weightings are
+    not proved there."""
     t, m = cfg.train, cfg.method
-    if m.name not in ("sum", "mean"):
-        raise ConfigError(f"method.name={m.name}: under ZeRO-3 only the summed and mean losses are proved equal to "
-                          f"one process; use ZeRO-2 (accelerate_configs/zero2.yaml) or DDP")
+    if m.name not in ("sum", "mean", *ZERO3_PER_TASK):
+        raise ConfigError(f"method.name={m.name}: under ZeRO-3 the summed and mean losses and the gradient methods "
+                          f"({', '.join(ZERO3_PER_TASK)}) are proved equal to one process, not the loss weightings; "
+                          f"use ZeRO-2 (accelerate_configs/zero2.yaml) or DDP")
     for field, bad in (("train.schedule", t.schedule != "round_robin"), ("method.pairwise", m.pairwise),
                        ("method.arrp_batches", m.arrp_batches > 0), ("train.train_tasks", bool(t.train_tasks))):
         if bad:
             raise ConfigError(f"{field}: under ZeRO-3 only round-robin steps over every task are proved equal to "
                               f"one process (a step without some task leaves parameters idle, which ZeRO-3 "
                               f"updates differently); use ZeRO-2 (accelerate_configs/zero2.yaml) or DDP")
+    if m.name in ZERO3_PER_TASK:
+        for field, bad in (("method.smart", m.smart), ("model.sharing", bool(cfg.model.sharing))):
+            if bad:
+                raise ConfigError(f"{field}: method.name={m.name} under ZeRO-3 is proved equal to one process for "
+                                  f"round-robin steps without SMART or per-task layers; use ZeRO-2 "
+                                  f"(accelerate_configs/zero2.yaml) or drop this setting")
 
 
 def configure_deepspeed(accelerator, cfg) -> None:

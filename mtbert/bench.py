@@ -8,7 +8,9 @@ side in this process run: configurations alternate, after warm-up, median of rep
 Parts: ``model`` (minBERT vs transformers.BertModel train step, fp32 and bf16 autocast; tokens/s
 and MFU), ``optimizer`` (AdamW for-loop vs foreach vs fused), ``methods`` (each method's step vs the summed-loss step on the same batches),
 ``padding`` (padded-token waste and examples/s, length-bucketed vs random batches), ``dist``
-(2 gloo ranks: distributed PCGrad vs DDP summed step, bytes per step; launched as a subprocess).
+(2 gloo ranks: distributed PCGrad vs DDP summed step, bytes per step; launched as a subprocess),
+``zero`` (2 gloo ranks under ZeRO-2 and ZeRO-3: PCGrad vs the summed step under the same engine,
+gradient bytes per step and gradient buffers held per rank).
 """
 
 from __future__ import annotations
@@ -341,6 +343,84 @@ def dist_worker(quick: bool, out: Path, data_dir: str) -> None:
     accelerator.wait_for_everyone()
 
 
+def bench_zero(quick: bool, out: Path, data_dir: str) -> list[dict]:
+    """2 gloo ranks under DeepSpeed ZeRO-2 and ZeRO-3 (one launch per stage: the stage is a launch
+    setting): PCGrad vs the summed loss under the same engine, side by side in each launch."""
+    root = Path(__file__).resolve().parents[1]
+    accel = Path(sys.executable).parent / "accelerate"
+    rows = []
+    for stage in (2, 3):
+        part = out.with_suffix(f".zero{stage}.json")
+        cmd = [str(accel) if accel.exists() else "accelerate", "launch", "--config_file",
+               str(root / "accelerate_configs" / f"zero{stage}.yaml"), "--num_processes", "2", "-m", "mtbert.bench",
+               "--zero-worker", "--out", str(part)] + (["--quick"] if quick else []) + (
+               [f"--data-dir={data_dir}"] if data_dir else [])
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             timeout=1800)
+        if res.returncode != 0:
+            raise RuntimeError(f"zero{stage} bench failed:\n{res.stderr[-3000:]}")
+        rows += json.loads(part.read_text())
+    return rows
+
+
+def zero_worker(quick: bool, out: Path, data_dir: str) -> None:
+    """One DeepSpeed engine (a second one in the same process breaks ZeRO-2's buckets), stepped
+    alternately by a summed-loss Stepper and a PCGrad Stepper."""
+    from transformers import AutoTokenizer
+    from mtbert.accelerator import configure_deepspeed, make_accelerator, zero_stage
+    from mtbert.config import HeadCfg, parse_args
+    from mtbert.data.tasks import build_specs
+    from mtbert.methods.phases import Phase
+    from mtbert.model.bert import from_pretrained
+    from mtbert.model.heads import MultitaskModel
+    from mtbert.step import Stepper
+    ckpt = _checkpoint(quick, Path(os.environ.get("TMPDIR", "/tmp")) / "mtbert-bench")
+    cfgs = {name: parse_args([f"--model.checkpoint={ckpt}", "--data.batch_size=" + ("4" if quick else "16"),
+                              "--method.conflict_stats=false", f"--method.name={name}", "--train.grad_clip=1.0"]
+                             + ([f"--data.dir={data_dir}"] if data_dir else [])) for name in ("sum", "pcgrad")}
+    accelerator = make_accelerator(cfgs["pcgrad"])[0]
+    assert accelerator.num_processes == 2, "the ZeRO benchmark needs 2 ranks"
+    torch.manual_seed(0)
+    enc, folder = from_pretrained(cfgs["sum"].model.checkpoint, 0.0)
+    specs = build_specs(cfgs["sum"])
+    model = MultitaskModel(enc, specs, {t: HeadCfg(dropout=0.0) for t in specs})
+    batches = _task_batches(cfgs["sum"], model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
+    P = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    configure_deepspeed(accelerator, cfgs["sum"])
+    model, opt = accelerator.prepare(model, opt)
+    steppers = {n: Stepper(accelerator, model, opt, sched, c, list(specs)) for n, c in cfgs.items()}
+    stage, world, K = zero_stage(accelerator), accelerator.num_processes, len(batches[0])
+    phase = Phase(tuple(batches[0]), 1, 1, "bench")
+    moved, counter = {}, {"i": 0}
+
+    def make(name):
+        def run():
+            i = counter["i"] = counter["i"] + 1
+            batch = {t: {k: v.to(accelerator.device) for k, v in b.items()}
+                     for t, b in batches[(i + accelerator.process_index) % len(batches)].items()}
+            moved[name] = steppers[name].step(i, [batch], phase).get("comm_bytes")
+        return run
+    t = alternate({n: make(n) for n in steppers}, 3 if quick else 5)
+    ring = lambda n, passes: passes * n * 4 * (world - 1) // world  # noqa: E731  bytes one rank sends
+    # Gradient traffic per rank and step (ring model; parameter gathers left out: the same for both).
+    # sum: one reduce-scatter of P. pcgrad: ZeRO-3 counts its K reduce-scatters + the Gram itself; under
+    # ZeRO-2 mtbert's reducer moves the rows, then the surrogate backward reduce-scatters P once more.
+    moved["sum"] = ring(P, 1)
+    if stage != 3:
+        moved["pcgrad"] = (moved["pcgrad"] or 0) + ring(P, 1)
+    buf = steppers["pcgrad"].buffers
+    held = {"sum": P * 4 // world if stage == 3 else P * 4,  # the engine's gradient (ZeRO-2: full .grad)
+            "pcgrad": (buf.G.numel() + buf.update.numel()) * 4 + P * 4 // world}
+    rows = [{"part": "zero", "config": f"zero{stage}_{n}", "step_s": s, "vs_sum_same_engine": s / t["sum"],
+             "grad_bytes_per_step_per_rank": moved[n], "grad_buffer_bytes_per_rank": held[n],
+             "K": K, "P": P, "ranks": world} for n, s in t.items()]
+    if accelerator.is_main_process:
+        out.write_text(json.dumps(rows))
+    accelerator.wait_for_everyone()
+
+
 def print_table(rows: list[dict]) -> None:
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     for part in dict.fromkeys(r["part"] for r in rows):
@@ -353,14 +433,18 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model: seconds, for tests")
-    ap.add_argument("--parts", default="model,optimizer,methods,padding,dist")
+    ap.add_argument("--parts", default="model,optimizer,methods,padding,dist,zero")
     ap.add_argument("--data-dir", default=os.environ.get("MTBERT_DATA_DIR", ""), help="CS224N files (default: sample)")
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
     ap.add_argument("--methods", default="", help="methods part: a comma-separated subset (the summed step always runs)")
     ap.add_argument("--dist-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--zero-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.dist_worker:
         dist_worker(args.quick, args.out, args.data_dir)
+        return 0
+    if args.zero_worker:
+        zero_worker(args.quick, args.out, args.data_dir)
         return 0
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -377,6 +461,8 @@ def main(argv=None) -> int:
         rows += bench_padding(ckpt, args.data_dir, args.quick)
     if "dist" in parts:
         rows += bench_dist(args.quick, args.out.with_suffix(".dist.json"))
+    if "zero" in parts:
+        rows += bench_zero(args.quick, args.out, args.data_dir)
     meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "device": str(device),
             "threads": torch.get_num_threads(), "machine": platform.machine(), "quick": args.quick}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

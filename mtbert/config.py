@@ -195,7 +195,8 @@ class MethodCfg:
     """PCGrad update: `sum` of projected gradients (Yu et al. 2020) or `mean`."""
     reducer: str = "allreduce"
     """Multi-process per-task gradient reduction: `allreduce` ([K,P] in buckets) or `sharded`
-    (reduce-scatter + K x K Gram all-reduce)."""
+    (reduce-scatter + K x K Gram all-reduce). Under ZeRO-3 neither: the engine's own
+    reduce-scatter leaves each rank its partition, and only the K x K Gram is all-reduced."""
     gram_blocks: str = "whole"
     """Per-task methods: `whole` (one Gram over all shared parameters) or `layer` (one Gram per
     block: the embeddings, each encoder layer, the rest; each block gets its own weights: per-layer

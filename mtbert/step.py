@@ -37,7 +37,6 @@ from mtbert.engines import make_engine
 from mtbert.methods.smart import smart_loss
 from mtbert.optim import aggregators, loss_weighting
 from mtbert.optim.aggregators import GramInputs, conflict_stats
-from mtbert.optim.gradients import GradientBuffers, make_reducer
 from mtbert.optim.loss_scaler import LossScaler
 from mtbert.optim.loss_weighting import LOSS_WEIGHTINGS, WeightingInputs
 
@@ -83,9 +82,12 @@ class Stepper:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.engine = make_engine(accelerator, model, optimizer, scheduler, self.params, cfg, self.per_task)
         self.tasks = list(tasks)
-        if self.per_task:
-            self.buffers = GradientBuffers(self.module, tasks, collectives.world, cfg.method.gram_blocks)
-            self.reducer = make_reducer(cfg.method.reducer, collectives)
+        # Per-task forwards: on the module itself (DDP must not see K backward passes), except
+        # under ZeRO-3, whose engine forward gathers the partitioned parameters.
+        self.task_model = self.model if self.engine.forward_through_wrapper else self.module
+        if self.per_task:  # the engine knows where per-task gradients live (full rows or partitions)
+            self.buffers = self.engine.make_buffers(self.module, tasks, collectives.world, cfg.method.gram_blocks)
+            self.reducer = self.engine.make_reducer(cfg.method.reducer, collectives)
             self.method_state = aggregators.initial_state(cfg.method.name, len(tasks), len(self.buffers.blocks))
         else:
             self.method_state = loss_weighting.initial_state(cfg.method.name, len(tasks))
@@ -213,7 +215,7 @@ class Stepper:
         for i, mb in enumerate(micro_batches):
             for t, b in mb.batches.items():
                 with self.autocast():
-                    out = self.module(t, b, head_only=phase.head_only)
+                    out = self.task_model(t, b, head_only=phase.head_only)
                 loss = self._task_loss(t, b, out, mb.shares[t], phase, self._noise_seed(step, i, t)) / n
                 self.engine.task_backward(buf, t, loss * scale)
                 losses[t] = losses.get(t, 0) + loss.detach()

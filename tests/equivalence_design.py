@@ -21,6 +21,7 @@ FACTORS: dict[str, tuple] = {
 }
 
 PER_TASK = {"pcgrad", "gse", "smart", "pairwise", "arrp"}
+ZERO3_PER_TASK = {"pcgrad", "gse"}  # gradient surgery on ZeRO-3's partitions (engines/zero3.py)
 
 # What each method level sets (SMART, pairwise and ARRP run with PCGrad: the per-task path).
 METHOD_ARGS: dict[str, list[str]] = {
@@ -35,7 +36,7 @@ METHOD_ARGS: dict[str, list[str]] = {
 }
 
 # Beyond the seeds (tests/test_aggregators.py checks each against its paper): every gradient
-# method under DDP with both reducers and under ZeRO-2, every loss weighting under DDP and ZeRO-2
+# method under DDP with both reducers, under ZeRO-2 and on ZeRO-3's partitions, every loss weighting under DDP and ZeRO-2
 # (the summed path has no reducer); fp32, round-robin, grad_accum and rank counts rotated.
 FAMILY_ARGS: dict[str, list[str]] = {
     "pcgrad_layer": ["--method.name=pcgrad", "--method.gram_blocks=layer"],
@@ -67,12 +68,13 @@ def family_cases() -> list[dict]:
     for i, method in enumerate(FAMILY_ARGS):
         if method in LOSS_WEIGHTING:
             runs = [("allreduce", "ddp"), ("allreduce", "zero2")]
-        else:
-            runs = [("allreduce", "ddp"), ("sharded", "ddp"), ("sharded" if i % 2 else "allreduce", "zero2")]
+        else:  # ZeRO-3 reduces itself: its reducer setting is not used
+            runs = [("allreduce", "ddp"), ("sharded", "ddp"), ("sharded" if i % 2 else "allreduce", "zero2"),
+                    ("sharded", "zero3")]
         for j, (reducer, engine) in enumerate(runs):
+            three = (reducer, engine) == ("sharded", "ddp") and i % 3 == 0 or engine == "zero3" and i % 3 == 1
             cases.append({"method": method, "schedule": "round_robin", "grad_accum": 1 + (i + j) % 2,
-                          "reducer": reducer, "engine": engine, "precision": "no",
-                          "ranks": 3 if (reducer, engine) == ("sharded", "ddp") and i % 3 == 0 else 2})
+                          "reducer": reducer, "engine": engine, "precision": "no", "ranks": 3 if three else 2})
     return cases
 
 
@@ -87,8 +89,8 @@ def valid(case: dict) -> bool:
         return False
     if m not in PER_TASK and case["reducer"] != "allreduce":
         return False  # the summed path has no reducer
-    if case["engine"] == "zero3" and (m in PER_TASK or s != "round_robin"):
-        return False  # refused (tests/test_distributed.py checks): partitioned parameters / idle parameters
+    if case["engine"] == "zero3" and (m in PER_TASK - ZERO3_PER_TASK or s != "round_robin"):
+        return False  # refused (tests/test_distributed.py checks): SMART, phases / idle parameters
     return True
 
 

@@ -17,7 +17,7 @@ def _norms(run):
 
 def test_deepspeed_refuses_unproved_set_ups_before_any_work(tiny_ckpt, tmp_path):
     for config, extra, field in (("zero2.yaml", ["--train.idle_params=keep"], "train.idle_params"),
-                                 ("zero3.yaml", ["--method.name=pcgrad"], "method.name"),
+                                 ("zero3.yaml", ["--method.name=pcgrad", "--method.smart=true"], "method.smart"),
                                  ("zero3.yaml", ["--train.schedule=proportional"], "train.schedule"),
                                  ("zero3.yaml", ["--method.name=famo"], "method.name"),
                                  ("cpu_2proc.yaml", ["--method.name=mgda", "--train.schedule=union"], "train.schedule")):

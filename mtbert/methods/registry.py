@@ -41,13 +41,15 @@ class MethodSpec:
         return self.overrides if self.marks is None else self.marks
 
 
-FAMILY_REFUSES = ("ZeRO-3; on several processes: schedules other than round_robin, pairwise, ARRP, SMART, "
+FAMILY_REFUSES = ("on several processes: schedules other than round_robin, pairwise, ARRP, SMART, "
                   "sharing, train_tasks, bf16, ZeRO-1 (not in the equivalence matrix)")
+WEIGHTING_REFUSES = "ZeRO-3; " + FAMILY_REFUSES  # the loss weightings are not proved on ZeRO-3
+ZERO3_PER_TASK = "ZeRO-3 with SMART or per-task layers (model.sharing)"
 
 METHODS: dict[str, MethodSpec] = {
     "sum": MethodSpec(
         "sum (joint RR)", "seeds' joint-training baseline", (),
-        "step.py summed path; engines.py"),
+        "step.py summed path; engines/"),
     "mean": MethodSpec(
         "mean", "summed loss divided by the step's task count", ("--method.name=mean",),
         "step.py summed path"),
@@ -55,20 +57,19 @@ METHODS: dict[str, MethodSpec] = {
         "PCGrad (RR-PCGrad)", "Yu et al. 2020, Alg. 1; seeds: RR-PCGrad = PCGrad + round-robin",
         ("--method.name=pcgrad",),
         "optim/pcgrad.py (weights from the Gram), optim/aggregators/projection.py, optim/gradients.py (rows, reducers), "
-        "step.py per-task path",
-        "ZeRO-3 (partitioned parameters: no per-task gradients)"),
+        "step.py per-task path; engines/zero3.py (on ZeRO-3's gradient partitions)", ZERO3_PER_TASK),
     "gse": MethodSpec(
         "GSE", "seed 'An Exploration of Fine-Tuning Techniques on minBERT': PCGrad-mean update, then the plain sum",
         ("--method.name=gse",), "optim/aggregators/projection.py (_gse: two weight vectors); step.py runs both updates",
-        "ZeRO-3"),
+        ZERO3_PER_TASK),
     "a_pcgrad": MethodSpec(
         "A-PCGrad", "seeds: PCGrad + annealed sampling (Stickland & Murray 2019)",
         ("--method.name=pcgrad", "--train.schedule=annealed"), "data/sampler.py (annealed_alpha) + pcgrad",
-        "ZeRO-3", budget=lambda s: ["--train.epochs=3", f"--train.epoch_steps={s}"]),
+        "ZeRO-3 (a step leaves tasks out)", budget=lambda s: ["--train.epochs=3", f"--train.epoch_steps={s}"]),
     "v_pcgrad": MethodSpec(
         "V-PCGrad", "seeds: PCGrad on batches drawn from the union of all tasks",
         ("--method.name=pcgrad", "--train.schedule=union"), "data/sampler.py (union, rank_slices) + pcgrad",
-        "ZeRO-3", budget=lambda s: ["--data.batch_size=96", f"--train.epoch_steps={s}"]),
+        "ZeRO-3 (a step leaves tasks out)", budget=lambda s: ["--data.batch_size=96", f"--train.epoch_steps={s}"]),
     "arrp": MethodSpec(
         "ARRP", "seed 'Post-Op BERT': RR-PCGrad + extra largest-task batches (lambda, optional head-only)",
         ("--method.name=pcgrad", "--method.arrp_batches=20", "--method.arrp_freeze=all_but_head"),
@@ -84,14 +85,15 @@ METHODS: dict[str, MethodSpec] = {
         budget=lambda s: [f"--train.epoch_steps={3 * s // 2}"]),
     "smart": MethodSpec(
         "SMART", "Jiang et al. 2020 (seeds: SMART regularisation per task)", ("--method.smart=true",),
-        "methods/smart.py (per-example noise); step.py adds it to each task loss"),
+        "methods/smart.py (per-example noise); step.py adds it to each task loss",
+        "ZeRO-3 with per-task methods (not in the equivalence matrix)"),
     "sequential": MethodSpec(
         "sequential", "seeds' forgetting baseline: one task after another", ("--train.schedule=sequential",),
         "methods/phases.py (one phase per task)", "ZeRO-3 (a step leaves the other tasks out)"),
     "sharing": MethodSpec(
         "sharing F2-S2-I2", "seeds: hard parameter sharing (frozen / shared / per-task layers)",
         ("--model.sharing=F2-S2-I2",), "model/heads.py (MultitaskModel task_layers); optim/gradients.py "
-        "(per-task layers are private rows)"),
+        "(per-task layers are private rows)", "ZeRO-3 with per-task methods (not in the equivalence matrix)"),
     # -- beyond the seeds: the multi-task gradient methods (per-task path, weights from the Gram) --
     "pcgrad_layer": MethodSpec(
         "per-layer PCGrad", "Yu et al. 2020, per parameter block (one Gram per encoder layer)",
@@ -128,18 +130,18 @@ METHODS: dict[str, MethodSpec] = {
     # -- loss weighting: no per-task gradients, the summed path --
     "rlw": MethodSpec(
         "RLW", "Lin et al. 2022: random loss weights, softmax of N(0, I) per step",
-        ("--method.name=rlw",), "optim/loss_weighting.py", FAMILY_REFUSES),
+        ("--method.name=rlw",), "optim/loss_weighting.py", WEIGHTING_REFUSES),
     "uw": MethodSpec(
         "UW", "Kendall et al. 2018: uncertainty weighting (learnable log-variances)",
-        ("--method.name=uw",), "optim/loss_weighting.py; model/heads.py (loss_log_vars)", FAMILY_REFUSES),
+        ("--method.name=uw",), "optim/loss_weighting.py; model/heads.py (loss_log_vars)", WEIGHTING_REFUSES),
     "dwa": MethodSpec(
         "DWA", "Liu et al. 2019: dynamic weight average (loss ratios of the last two windows; state)",
-        ("--method.name=dwa",), "optim/loss_weighting.py", FAMILY_REFUSES,
+        ("--method.name=dwa",), "optim/loss_weighting.py", WEIGHTING_REFUSES,
         budget=lambda s: [f"--train.epoch_steps={s}", f"--method.dwa_window={max(1, s // 6)}"]),
     "famo": MethodSpec(
         "FAMO", "Liu et al. 2023: fast adaptive multitask optimisation (task logits; state)",
         ("--method.name=famo",), "optim/loss_weighting.py; step.py (_losses_after_update)",
-        FAMILY_REFUSES + "; method.smart"),
+        WEIGHTING_REFUSES + "; method.smart"),
     "ensemble": MethodSpec(
         "ensemble (PCGrad + per-task fine-tune)", "seeds: per-task fine-tunes of a joint model, ensembled",
         (), "methods/ensemble.py (python -m mtbert.methods.ensemble RUN_DIR)", compare=False, preset=False, marks=()),

@@ -72,6 +72,17 @@ def local_blocks(blocks: Blocks, start: int, n: int) -> Blocks:
     return [(min(max(s - start, 0), n), min(max(e - start, 0), n)) for s, e in blocks]
 
 
+def combine_into(update: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, blocks: Blocks | None) -> None:
+    """update[:n] <- w @ rows for rows [k, n]; w [k], or [L, k] with one weight vector per block
+    of ``blocks`` (ranges local to ``rows``)."""
+    if w.dim() == 1 or w.shape[0] == 1:
+        torch.mv(rows.T, w.reshape(-1).to(rows.dtype), out=update[:rows.shape[1]])
+        return
+    for wb, (s, e) in zip(w, blocks):
+        if e > s:
+            torch.mv(rows[:, s:e].T, wb.to(rows.dtype), out=update[s:e])
+
+
 def _views(flat: torch.Tensor, params: list) -> list[torch.Tensor]:
     out, offset = [], 0
     for p in params:
@@ -150,12 +161,7 @@ class GradientBuffers:
         """update <- w @ rows. rows: [k, P_pad], or [k, P_pad/N] columns of this rank under the
         sharded reducer (its ``finish`` then all-gathers the rest of ``self.update``).
         w: [k], or [L, k] per block with ``blocks`` the block ranges local to ``rows``."""
-        if w.dim() == 1 or w.shape[0] == 1:
-            torch.mv(rows.T, w.reshape(-1).to(rows.dtype), out=self.update[:rows.shape[1]])
-            return
-        for wb, (s, e) in zip(w, blocks):
-            if e > s:
-                torch.mv(rows[:, s:e].T, wb.to(rows.dtype), out=self.update[s:e])
+        combine_into(self.update, w, rows, blocks)
 
     def attach_update(self) -> None:
         """shared .grad <- views of the update, for the optimizer."""
