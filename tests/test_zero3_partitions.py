@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import TwoTaskModel
 
-from mtbert.engines.zero3 import PartitionGramReducer, PartitionRows
-from mtbert.optim.gradients import block_gram
+from mtbert.engines.zero3 import PartitionRows
+from mtbert.optim.gradients import GramOnlyReducer, block_gram
 
 WORLD = 2
 
@@ -100,7 +100,7 @@ def test_partial_grams_add_up_to_the_full_gram_and_the_update_is_partitioned(set
     body = list(model.body.parameters())
     full = torch.stack([torch.cat([grads[t][p].flatten() for p in body]) for t in ("a", "b")])  # [K, P]
     partial = [block_gram(b.G, b.blocks) for b in bufs]
-    gram = sum(partial)  # what PartitionGramReducer's all-reduce sums
+    gram = sum(partial)  # what GramOnlyReducer's all-reduce sums
     assert gram.shape == (2, 2, 2)  # [L, K, K]: body.0's block and body.1's
     torch.testing.assert_close(gram.sum(0), full.double() @ full.double().T)
     first = torch.cat([grads[t][p].flatten() for t in ("a", "b") for p in body[:2]]).view(2, -1).double()
@@ -134,6 +134,6 @@ def test_the_reducer_sums_only_the_gram_on_the_run_device():
     from mtbert.collectives import Collectives
     coll = Collectives(2, "meta", ops=Recorder())
     rows = torch.zeros(3, 10, device="meta")
-    gram, out, blocks, moved = PartitionGramReducer(coll, 12, 4).reduce(rows, [], [(0, 10)])
+    gram, out, blocks, moved = GramOnlyReducer(coll, 12 * 4).reduce(rows, [], [(0, 10)])
     assert calls == [((1, 3, 3), torch.float64, "meta")] and out is rows
     assert moved == 3 * 12 * 4 * 1 + 2 * 9 * 8 // 2  # the engine's 3 reduce-scatters + the Gram

@@ -18,15 +18,18 @@ optimizers always do, so it is the only setting there (accelerator.py enforces i
 
 from __future__ import annotations
 
+from mtbert.engines.fsdp2 import Fsdp2Engine
 from mtbert.engines.torch_engine import TorchEngine
 from mtbert.engines.zero import DeepSpeedEngine
 from mtbert.engines.zero3 import Zero3Engine
 
-__all__ = ["DeepSpeedEngine", "TorchEngine", "Zero3Engine", "make_engine"]
+__all__ = ["DeepSpeedEngine", "Fsdp2Engine", "TorchEngine", "Zero3Engine", "make_engine"]
 
 
 def make_engine(accelerator, model, optimizer, scheduler, params, cfg, per_task: bool):
-    if accelerator.distributed_type != "DEEPSPEED":
+    if accelerator.distributed_type == "FSDP":
+        cls = Fsdp2Engine
+    elif accelerator.distributed_type != "DEEPSPEED":
         cls = TorchEngine
     else:
         cls = Zero3Engine if accelerator.state.deepspeed_plugin.zero_stage == 3 else DeepSpeedEngine

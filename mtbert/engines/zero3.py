@@ -36,7 +36,7 @@ import torch
 
 from mtbert.config import ConfigError
 from mtbert.engines.zero import DeepSpeedEngine
-from mtbert.optim.gradients import _ring_bytes, block_gram, block_ranges, combine_into
+from mtbert.optim.gradients import GramOnlyReducer, block_ranges, combine_into
 
 
 def _positions(offsets: dict, params: list, device) -> torch.Tensor:
@@ -125,23 +125,6 @@ def _check_layout(params: list, offsets: dict, total: int, flat: torch.Tensor) -
                                "grad_partitions_flat_buffer (a DeepSpeed version mtbert does not know)")
 
 
-class PartitionGramReducer:
-    """The engine has already averaged and partitioned every task's gradient: only the K x K
-    partial Gram matrices (one per block) are summed over ranks."""
-
-    def __init__(self, coll, partition_numel: int, element_size: int):
-        self.coll, self.world = coll, coll.world
-        self.rs_bytes = partition_numel * element_size * (coll.world - 1)  # one task's reduce-scatter (ring)
-
-    def reduce(self, rows, private, blocks):
-        gram = block_gram(rows, blocks)  # [L, k, k] partial, float64
-        self.coll.all_reduce_sum_(gram)
-        return gram, rows, blocks, rows.shape[0] * self.rs_bytes + _ring_bytes(gram, self.world)
-
-    def finish(self, update: torch.Tensor) -> int:
-        return 0  # each rank keeps its partition of the update: the engine steps it there
-
-
 class Zero3Engine(DeepSpeedEngine):
     """ZeRO-3: the summed path is DeepSpeedEngine's; per-task methods work on partitions."""
 
@@ -157,9 +140,9 @@ class Zero3Engine(DeepSpeedEngine):
     def make_buffers(self, module, tasks: list[str], world: int, gram_blocks: str) -> PartitionRows:
         return PartitionRows(self.engine.optimizer, module, tasks, gram_blocks)
 
-    def make_reducer(self, kind: str, collectives) -> PartitionGramReducer:
+    def make_reducer(self, kind: str, collectives) -> GramOnlyReducer:
         flat = self.engine.optimizer.grad_partitions_flat_buffer
-        return PartitionGramReducer(collectives, flat.numel(), flat.element_size())
+        return GramOnlyReducer(collectives, flat.numel() * flat.element_size())
 
     def task_backward(self, buffers: PartitionRows, task: str, loss: torch.Tensor) -> None:
         self.engine.set_gradient_accumulation_boundary(False)  # no step: mtbert steps once, after all tasks

@@ -15,6 +15,8 @@ Reducers (design: every method = weights from the Gram matrix; the reducer is sw
 - ``ShardedReducer``: reduce-scatter so each rank holds the averaged [K, P/N] columns, a
   float64 partial Gram matrix all-reduced (K x K), weights identical on every rank, the
   update formed on the shard and all-gathered. Moves (K + 1) P (N-1)/N floats per rank.
+- ``GramOnlyReducer``: engines with sharded parameters (ZeRO-3, FSDP2) reduce-scatter each
+  task's gradient themselves; only the partial Gram is summed and nothing is gathered.
 Byte counts are per rank per step under the ring model (what NCCL/gloo ring algorithms send).
 
 Block Gram (``method.gram_blocks=layer``): the shared columns are cut into parameter blocks
@@ -230,6 +232,25 @@ class ShardedReducer:
         local = update[:n].clone()
         self.coll.all_gather_into(update, local)
         return _ring_bytes(update, self.world, 1)
+
+
+class GramOnlyReducer:
+    """For engines that shard gradients themselves (ZeRO-3, FSDP2): after each task's backward
+    every rank already holds its shard of that task's averaged gradient, so only the partial
+    K x K Gram matrices (one per block) are summed over ranks; each rank keeps its shard of the
+    update, which the engine steps where it lies."""
+
+    def __init__(self, coll: Collectives, shard_bytes: int):
+        self.coll, self.world = coll, coll.world
+        self.rs_bytes = shard_bytes * (coll.world - 1)  # what the engine's reduce-scatter of one task sends
+
+    def reduce(self, rows, private, blocks):
+        gram = block_gram(rows, blocks)  # [L, k, k] partial, float64
+        self.coll.all_reduce_sum_(gram)
+        return gram, rows, blocks, rows.shape[0] * self.rs_bytes + _ring_bytes(gram, self.world)
+
+    def finish(self, update: torch.Tensor) -> int:
+        return 0
 
 
 def make_reducer(kind: str, coll: Collectives):
