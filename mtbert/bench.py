@@ -10,7 +10,8 @@ and MFU), ``optimizer`` (AdamW for-loop vs foreach vs fused), ``methods`` (each 
 ``padding`` (padded-token waste and examples/s, length-bucketed vs random batches), ``dist``
 (2 gloo ranks: distributed PCGrad vs DDP summed step, bytes per step; launched as a subprocess),
 ``zero`` (2 gloo ranks under ZeRO-2 and ZeRO-3: PCGrad vs the summed step under the same engine,
-gradient bytes per step and gradient buffers held per rank).
+gradient bytes per step and gradient buffers held per rank), ``fsdp2`` (the same under FSDP2,
+2 gloo ranks started by torchrun).
 """
 
 from __future__ import annotations
@@ -421,6 +422,68 @@ def zero_worker(quick: bool, out: Path, data_dir: str) -> None:
     accelerator.wait_for_everyone()
 
 
+def bench_fsdp2(quick: bool, out: Path, data_dir: str) -> list[dict]:
+    """2 gloo ranks (torchrun: Accelerate has no FSDP on CPU), the model fully_shard'ed per layer."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--nproc_per_node", "2", "-m", "mtbert.bench",
+           "--fsdp2-worker", "--out", str(out)] + (["--quick"] if quick else []) + (
+           [f"--data-dir={data_dir}"] if data_dir else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1800)
+    if res.returncode != 0:
+        raise RuntimeError(f"fsdp2 bench failed:\n{res.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def fsdp2_worker(quick: bool, out: Path, data_dir: str) -> None:
+    """A summed-loss Stepper and a PCGrad Stepper stepping one fully_shard'ed model alternately."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+    from mtbert.collectives import Collectives
+    from mtbert.config import HeadCfg, parse_args
+    from mtbert.data.tasks import build_specs
+    from mtbert.engines.fsdp2 import plain_accelerator, shard_model
+    from mtbert.methods.phases import Phase
+    from mtbert.model.bert import from_pretrained
+    from mtbert.model.heads import MultitaskModel
+    from mtbert.step import Stepper
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    ckpt = _checkpoint(quick, Path(os.environ.get("TMPDIR", "/tmp")) / "mtbert-bench")
+    cfgs = {name: parse_args([f"--model.checkpoint={ckpt}", "--data.batch_size=" + ("4" if quick else "16"),
+                              "--method.conflict_stats=false", f"--method.name={name}", "--train.grad_clip=1.0"]
+                             + ([f"--data.dir={data_dir}"] if data_dir else [])) for name in ("sum", "pcgrad")}
+    torch.manual_seed(0)
+    enc, folder = from_pretrained(cfgs["sum"].model.checkpoint, 0.0)
+    specs = build_specs(cfgs["sum"])
+    model = MultitaskModel(enc, specs, {t: HeadCfg(dropout=0.0) for t in specs})
+    batches = _task_batches(cfgs["sum"], model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
+    P, K = sum(p.numel() for p in model.parameters()), len(batches[0])
+    model = shard_model(model, dist.device_mesh.init_device_mesh("cpu", (world,)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    acc, coll = plain_accelerator(world, rank), Collectives(world, "cpu", rank=rank)
+    steppers = {n: Stepper(acc, model, opt, sched, c, list(specs), coll) for n, c in cfgs.items()}
+    phase = Phase(tuple(batches[0]), 1, 1, "bench")
+    moved, counter = {}, {"i": 0}
+
+    def make(name):
+        def run():
+            i = counter["i"] = counter["i"] + 1
+            moved[name] = steppers[name].step(i, [batches[(i + rank) % len(batches)]], phase).get("comm_bytes")
+        return run
+    t = alternate({n: make(n) for n in steppers}, 3 if quick else 5)
+    moved["sum"] = P * 4 * (world - 1) // world  # one reduce-scatter of P (ring model)
+    buf = steppers["pcgrad"].buffers
+    held = {"sum": P * 4 // world, "pcgrad": (buf.G.numel() + buf.update.numel()) * 4 + P * 4 // world}
+    rows = [{"part": "fsdp2", "config": f"fsdp2_{n}", "step_s": s, "vs_sum_same_engine": s / t["sum"],
+             "grad_bytes_per_step_per_rank": moved[n], "grad_buffer_bytes_per_rank": held[n],
+             "K": K, "P": P, "ranks": world} for n, s in t.items()]
+    if rank == 0:
+        out.write_text(json.dumps(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def print_table(rows: list[dict]) -> None:
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     for part in dict.fromkeys(r["part"] for r in rows):
@@ -433,18 +496,22 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model: seconds, for tests")
-    ap.add_argument("--parts", default="model,optimizer,methods,padding,dist,zero")
+    ap.add_argument("--parts", default="model,optimizer,methods,padding,dist,zero,fsdp2")
     ap.add_argument("--data-dir", default=os.environ.get("MTBERT_DATA_DIR", ""), help="CS224N files (default: sample)")
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
     ap.add_argument("--methods", default="", help="methods part: a comma-separated subset (the summed step always runs)")
     ap.add_argument("--dist-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--zero-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--fsdp2-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.dist_worker:
         dist_worker(args.quick, args.out, args.data_dir)
         return 0
     if args.zero_worker:
         zero_worker(args.quick, args.out, args.data_dir)
+        return 0
+    if args.fsdp2_worker:
+        fsdp2_worker(args.quick, args.out, args.data_dir)
         return 0
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -463,6 +530,8 @@ def main(argv=None) -> int:
         rows += bench_dist(args.quick, args.out.with_suffix(".dist.json"))
     if "zero" in parts:
         rows += bench_zero(args.quick, args.out, args.data_dir)
+    if "fsdp2" in parts:
+        rows += bench_fsdp2(args.quick, args.out.with_suffix(".fsdp2.json"), args.data_dir)
     meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "device": str(device),
             "threads": torch.get_num_threads(), "machine": platform.machine(), "quick": args.quick}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -140,16 +140,17 @@ def test_hub_source_reads_a_dataset_with_column_mapping():
 
 def test_bench_quick_prints_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, "-m", "mtbert.bench", "--quick", "--parts", "model,methods,padding,zero",
+    res = subprocess.run([sys.executable, "-m", "mtbert.bench", "--quick", "--parts", "model,methods,padding,zero,fsdp2",
                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {r["part"] for r in rows} == {"model", "methods", "padding", "zero"}
-    zero = {r["config"]: r for r in rows if r["part"] == "zero"}
-    assert set(zero) == {"zero2_sum", "zero2_pcgrad", "zero3_sum", "zero3_pcgrad"}
+    assert {r["part"] for r in rows} == {"model", "methods", "padding", "zero", "fsdp2"}
+    zero = {r["config"]: r for r in rows if r["part"] in ("zero", "fsdp2")}
+    assert set(zero) == {"zero2_sum", "zero2_pcgrad", "zero3_sum", "zero3_pcgrad", "fsdp2_sum", "fsdp2_pcgrad"}
     # ZeRO-3 PCGrad holds this rank's partitions only: K rows + update + the engine's, each ~P/N
     z3, K, P = zero["zero3_pcgrad"], zero["zero3_pcgrad"]["K"], zero["zero3_pcgrad"]["P"]
     assert z3["grad_buffer_bytes_per_rank"] <= (K + 2) * P * 4 / 2 < zero["zero2_pcgrad"]["grad_buffer_bytes_per_rank"]
+    assert zero["fsdp2_pcgrad"]["grad_buffer_bytes_per_rank"] <= (K + 2) * P * 4 / 2
     assert all(r["speedup_vs_hf"] > 0 for r in rows if r["part"] == "model")
     from mtbert.bench import FAMILY
     assert {r["method"] for r in rows if r["part"] == "methods"} >= {"sum", "pcgrad", "gse", "smart", *FAMILY}

@@ -36,6 +36,17 @@ def shard_model(module: torch.nn.Module, mesh) -> torch.nn.Module:
     return fully_shard(module, mesh=mesh)
 
 
+def plain_accelerator(world: int, rank: int, kind: str = "FSDP"):
+    """What Stepper and the engines read of an Accelerator, for steps outside Accelerate (which
+    has no FSDP on CPU): the step-level tests and ``python -m mtbert.bench --parts fsdp2``."""
+    import contextlib
+    import types
+    return types.SimpleNamespace(
+        num_processes=world, process_index=rank, device=torch.device("cpu"), distributed_type=kind,
+        unwrap_model=lambda m: m, autocast=contextlib.nullcontext, no_sync=lambda m: contextlib.nullcontext(),
+        backward=lambda loss: loss.backward(), clip_grad_norm_=torch.nn.utils.clip_grad_norm_)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 

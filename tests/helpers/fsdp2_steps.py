@@ -6,13 +6,11 @@ global batch. Rank 0 writes both runs' per-step gradient norms and the parameter
     torchrun --nproc_per_node 2 tests/helpers/fsdp2_steps.py OUT.json CKPT STEPS ACCUM [--overrides...]
 
 Accelerate is not used: it drops FSDP on CPU (accelerator.py refuses that launch), so the
-accelerator is a namespace with what Stepper and the engines read.
+accelerator is engines/fsdp2.plain_accelerator.
 """
 
-import contextlib
 import json
 import sys
-import types
 
 import torch
 import torch.distributed as dist
@@ -20,20 +18,13 @@ import torch.distributed as dist
 from mtbert.collectives import Collectives
 from mtbert.config import HeadCfg, parse_args
 from mtbert.data.tasks import build_specs
-from mtbert.engines.fsdp2 import shard_model
+from mtbert.engines.fsdp2 import plain_accelerator, shard_model
 from mtbert.methods.phases import Phase
 from mtbert.model.bert import from_pretrained
 from mtbert.model.heads import MultitaskModel
 from mtbert.step import MicroBatch, Stepper
 
 GLOBAL_BATCH = 12
-
-
-def fake_accelerator(world: int, rank: int, kind: str):
-    return types.SimpleNamespace(
-        num_processes=world, process_index=rank, device=torch.device("cpu"), distributed_type=kind,
-        unwrap_model=lambda m: m, autocast=contextlib.nullcontext, no_sync=lambda m: contextlib.nullcontext(),
-        backward=lambda loss: loss.backward(), clip_grad_norm_=torch.nn.utils.clip_grad_norm_)
 
 
 def build(cfg):
@@ -64,9 +55,9 @@ def main(out: str, ckpt: str, steps: int, accum: int, overrides: list[str]) -> N
     mine = [{t: {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()} for t, batch in bb.items()} for bb in batches]
     phase = Phase(tuple(specs), steps, 1, "test")
 
-    ref = stepper(fake_accelerator(1, 0, "NO"), ref_model, cfg, specs, Collectives(1, "cpu"))
+    ref = stepper(plain_accelerator(1, 0, "NO"), ref_model, cfg, specs, Collectives(1, "cpu"))
     model = shard_model(build(cfg)[0], dist.device_mesh.init_device_mesh("cpu", (world,)))
-    sharded = stepper(fake_accelerator(world, rank, "FSDP"), model, cfg, specs, Collectives(world, "cpu", rank=rank))
+    sharded = stepper(plain_accelerator(world, rank, "FSDP"), model, cfg, specs, Collectives(world, "cpu", rank=rank))
     norms = {"ref": [], "fsdp2": []}
     for s in range(steps):
         micro = range(s * accum, (s + 1) * accum)
