@@ -9,7 +9,7 @@ Parts: ``model`` (minBERT vs transformers.BertModel train step, fp32 and bf16 au
 and MFU), ``optimizer`` (AdamW for-loop vs foreach vs fused), ``methods`` (each method's step vs the summed-loss step on the same batches),
 ``padding`` (padded-token waste and examples/s, length-bucketed vs random batches), ``dist``
 (2 gloo ranks: distributed PCGrad vs DDP summed step, bytes per step; launched as a subprocess),
-``zero`` (2 gloo ranks under ZeRO-2 and ZeRO-3: PCGrad vs the summed step under the same engine,
+``zero`` (bench_dist.py: 2 gloo ranks under ZeRO-2 and ZeRO-3: PCGrad vs the summed step under the same engine,
 gradient bytes per step and gradient buffers held per rank), ``fsdp2`` (the same under FSDP2,
 2 gloo ranks started by torchrun).
 """
@@ -51,12 +51,28 @@ def device_peak_tflops(device: torch.device, dtype) -> tuple[float, str]:
     return cores * ghz * 32 / 1000, f"{platform.processor() or 'cpu'} x{cores} @ {ghz:.2f} GHz"
 
 
-def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each fn, calls interleaved A B A B ... after warm-up."""
+REPEATS = 5  # alternating rounds per comparison (after warm-up): every ratio reports its spread over them
+
+
+class Times(dict):
+    """name -> seconds of each round; in round r every configuration ran once, back to back."""
+
+    def median(self, name: str) -> float:
+        return statistics.median(self[name])
+
+    def ratio(self, num: str, den: str, key: str) -> dict:
+        """``num / den`` per round (paired: the same round, so a slow spell hits both), as the
+        median with the smallest and largest round: {key, key_lo, key_hi, repeats}."""
+        r = sorted(a / b for a, b in zip(self[num], self[den]))
+        return {key: statistics.median(r), f"{key}_lo": r[0], f"{key}_hi": r[-1], "repeats": len(r)}
+
+
+def alternate(fns: dict, repeats: int = REPEATS, warmup: int = 1) -> Times:
+    """Seconds per call of each fn, calls interleaved A B A B ... after warm-up."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times = {k: [] for k in fns}
+    times = Times({k: [] for k in fns})
     for _ in range(repeats):
         for k, fn in fns.items():
             t0 = time.perf_counter()
@@ -64,7 +80,16 @@ def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def cpu_mhz() -> float | None:
+    """The current clock (the highest core's), from /proc/cpuinfo; None where it is not readable."""
+    try:
+        mhz = [float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz")]
+    except OSError:
+        return None
+    return max(mhz) if mhz else None
 
 
 def peak_rss_mb() -> float:
@@ -93,9 +118,9 @@ def bench_model(ckpt: str, device, quick: bool) -> list[dict]:
     from mtbert.model.bert import bert_flops_per_token, from_pretrained, resolve_checkpoint
     folder = resolve_checkpoint(ckpt)
     rows = []
-    for dtype, (B, T, reps) in ((torch.float32, (32, 64, 5)), (torch.bfloat16, (8, 32, 3))):
+    for dtype, (B, T, reps) in ((torch.float32, (32, 64, REPEATS)), (torch.bfloat16, (8, 32, REPEATS))):
         if quick:
-            B, T, reps = 8, 32, 3
+            B, T = 8, 32
         ours, _ = from_pretrained(str(folder), dropout=0.0)
         hf = BertModel.from_pretrained(str(folder), add_pooling_layer=False, hidden_dropout_prob=0.0,
                                        attention_probs_dropout_prob=0.0)
@@ -123,12 +148,13 @@ def bench_model(ckpt: str, device, quick: bool) -> list[dict]:
             loss.backward()
             opt_hf.step()
             opt_hf.zero_grad(set_to_none=True)
-        t = alternate({"minbert": step_ours, "hf": step_hf}, reps)
+        times = alternate({"minbert": step_ours, "hf": step_hf}, reps)
+        t = {k: times.median(k) for k in times}
         tokens = B * T
         flops = bert_flops_per_token(ours.config, T) * tokens
         peak, dev_name = device_peak_tflops(device, dtype)
         rows.append({"part": "model", "dtype": str(dtype).split(".")[1], "batch": f"{B}x{T}",
-                     "minbert_s": t["minbert"], "hf_s": t["hf"], "speedup_vs_hf": t["hf"] / t["minbert"],
+                     "minbert_s": t["minbert"], "hf_s": t["hf"], **times.ratio("hf", "minbert", "speedup_vs_hf"),
                      "tokens_per_s": tokens / t["minbert"],
                      "mfu": flops / t["minbert"] / (peak * 1e12), "device": dev_name, "peak_tflops": peak,
                      "peak_rss_mb": peak_rss_mb()})
@@ -151,8 +177,9 @@ def bench_optimizer(ckpt: str, device) -> list[dict]:
     except (RuntimeError, ValueError):
         opts.pop("fused")
     times = alternate({k: o.step for k, o in opts.items()}, 7)
-    for k, t in times.items():
-        rows.append({"part": "optimizer", "adamw": k, "step_ms": t * 1e3, "vs_for_loop": times["for_loop"] / t})
+    for k in times:
+        rows.append({"part": "optimizer", "adamw": k, "step_ms": times.median(k) * 1e3,
+                     **times.ratio("for_loop", k, "vs_for_loop")})
     return rows
 
 
@@ -229,9 +256,9 @@ def bench_methods(ckpt: str, data_dir: str, quick: bool, only: tuple = ()) -> li
             i = calls[name] = calls[name] + 1
             steppers[name].step(i, [batches[i % len(batches)]], phase)
         return run
-    t = alternate({n: make(n) for n in variants}, 3 if quick else 5)
-    return [{"part": "methods", "method": n, "step_s": s, "vs_sum": s / t["sum"], "weights_ms": weights_ms(n)}
-            for n, s in t.items()]
+    t = alternate({n: make(n) for n in variants})
+    return [{"part": "methods", "method": n, "step_s": t.median(n), **t.ratio(n, "sum", "vs_sum"),
+             "weights_ms": weights_ms(n)} for n in t]
 
 
 def bench_padding(ckpt: str, data_dir: str, quick: bool) -> list[dict]:
@@ -274,223 +301,33 @@ def bench_padding(ckpt: str, data_dir: str, quick: bool) -> list[dict]:
             opt.step()
             opt.zero_grad(set_to_none=True)
         return run
-    t = alternate({"bucketed": make(True), "random": make(False)}, 4 if quick else 12)
+    t = alternate({"bucketed": make(True), "random": make(False)}, REPEATS if quick else 12)
     rows.append({"part": "padding", "task": f"{task} train ex/s", "bucket": "bucketed vs random",
-                 "padded_frac": float("nan"), "ex_per_s_bucketed": batch_size / t["bucketed"],
-                 "ex_per_s_random": batch_size / t["random"], "speedup": t["random"] / t["bucketed"]})
+                 "padded_frac": float("nan"), "ex_per_s_bucketed": batch_size / t.median("bucketed"),
+                 "ex_per_s_random": batch_size / t.median("random"), **t.ratio("random", "bucketed", "speedup")})
     return rows
-
-
-def bench_dist(quick: bool, out: Path) -> list[dict]:
-    """Launch 2 gloo ranks (accelerate, cpu_2proc.yaml) running ``--dist-worker``."""
-    root = Path(__file__).resolve().parents[1]
-    accel = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accel) if accel.exists() else "accelerate", "launch", "--config_file",
-           str(root / "accelerate_configs" / "cpu_2proc.yaml"), "-m", "mtbert.bench", "--dist-worker",
-           "--out", str(out)] + (["--quick"] if quick else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    if res.returncode != 0:
-        raise RuntimeError(f"dist bench failed:\n{res.stderr[-3000:]}")
-    return json.loads(out.read_text())
-
-
-def dist_worker(quick: bool, out: Path, data_dir: str) -> None:
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-    from transformers import AutoTokenizer
-    from mtbert.config import HeadCfg, parse_args
-    from mtbert.data.tasks import build_specs
-    from mtbert.methods.phases import Phase
-    from mtbert.model.bert import from_pretrained
-    from mtbert.model.heads import MultitaskModel
-    from mtbert.step import Stepper
-    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
-    assert accelerator.num_processes == 2, "the distributed benchmark needs 2 ranks"
-    ckpt = _checkpoint(quick, Path(os.environ.get("TMPDIR", "/tmp")) / "mtbert-bench")
-    variants = {"ddp_sum": ["--method.name=sum"], "pcgrad_allreduce": ["--method.name=pcgrad"],
-                "pcgrad_sharded": ["--method.name=pcgrad", "--method.reducer=sharded"]}
-    steppers, batches = {}, None
-    for name, extra in variants.items():
-        cfg = parse_args([f"--model.checkpoint={ckpt}", "--data.batch_size=" + ("4" if quick else "16"),
-                          "--method.conflict_stats=false", *extra] + ([f"--data.dir={data_dir}"] if data_dir else []))
-        torch.manual_seed(0)
-        enc, folder = from_pretrained(cfg.model.checkpoint, 0.0)
-        specs = build_specs(cfg)
-        model = MultitaskModel(enc, specs, {t: HeadCfg(dropout=0.0) for t in specs})
-        if batches is None:
-            batches = _task_batches(cfg, model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        model, opt = accelerator.prepare(model, opt)
-        steppers[name] = Stepper(accelerator, model, opt, sched, cfg, list(specs))
-    phase = Phase(tuple(batches[0]), 1, 1, "bench")
-    moved = {}
-    counter = {"i": 0}
-
-    def make(name):
-        def run():
-            i = counter["i"] = counter["i"] + 1
-            stats = steppers[name].step(i, [batches[(i + accelerator.process_index) % len(batches)]], phase)
-            moved[name] = stats.get("comm_bytes")
-        return run
-    t = alternate({n: make(n) for n in variants}, 3 if quick else 5)
-    P = sum(p.numel() for p in steppers["ddp_sum"].params)
-    moved["ddp_sum"] = 2 * P * 4 * (accelerator.num_processes - 1) // accelerator.num_processes  # DDP: one all-reduce of [P]
-    rows = [{"part": "dist", "config": n, "step_s": s, "vs_ddp_sum": s / t["ddp_sum"],
-             "bytes_per_step_per_rank": moved[n]} for n, s in t.items()]
-    if accelerator.is_main_process:
-        out.write_text(json.dumps(rows))
-    accelerator.wait_for_everyone()
-
-
-def bench_zero(quick: bool, out: Path, data_dir: str) -> list[dict]:
-    """2 gloo ranks under DeepSpeed ZeRO-2 and ZeRO-3 (one launch per stage: the stage is a launch
-    setting): PCGrad vs the summed loss under the same engine, side by side in each launch."""
-    root = Path(__file__).resolve().parents[1]
-    accel = Path(sys.executable).parent / "accelerate"
-    rows = []
-    for stage in (2, 3):
-        part = out.with_suffix(f".zero{stage}.json")
-        cmd = [str(accel) if accel.exists() else "accelerate", "launch", "--config_file",
-               str(root / "accelerate_configs" / f"zero{stage}.yaml"), "--num_processes", "2", "-m", "mtbert.bench",
-               "--zero-worker", "--out", str(part)] + (["--quick"] if quick else []) + (
-               [f"--data-dir={data_dir}"] if data_dir else [])
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                             timeout=1800)
-        if res.returncode != 0:
-            raise RuntimeError(f"zero{stage} bench failed:\n{res.stderr[-3000:]}")
-        rows += json.loads(part.read_text())
-    return rows
-
-
-def zero_worker(quick: bool, out: Path, data_dir: str) -> None:
-    """One DeepSpeed engine (a second one in the same process breaks ZeRO-2's buckets), stepped
-    alternately by a summed-loss Stepper and a PCGrad Stepper."""
-    from transformers import AutoTokenizer
-    from mtbert.accelerator import configure_deepspeed, make_accelerator, zero_stage
-    from mtbert.config import HeadCfg, parse_args
-    from mtbert.data.tasks import build_specs
-    from mtbert.methods.phases import Phase
-    from mtbert.model.bert import from_pretrained
-    from mtbert.model.heads import MultitaskModel
-    from mtbert.step import Stepper
-    ckpt = _checkpoint(quick, Path(os.environ.get("TMPDIR", "/tmp")) / "mtbert-bench")
-    cfgs = {name: parse_args([f"--model.checkpoint={ckpt}", "--data.batch_size=" + ("4" if quick else "16"),
-                              "--method.conflict_stats=false", f"--method.name={name}", "--train.grad_clip=1.0"]
-                             + ([f"--data.dir={data_dir}"] if data_dir else [])) for name in ("sum", "pcgrad")}
-    accelerator = make_accelerator(cfgs["pcgrad"])[0]
-    assert accelerator.num_processes == 2, "the ZeRO benchmark needs 2 ranks"
-    torch.manual_seed(0)
-    enc, folder = from_pretrained(cfgs["sum"].model.checkpoint, 0.0)
-    specs = build_specs(cfgs["sum"])
-    model = MultitaskModel(enc, specs, {t: HeadCfg(dropout=0.0) for t in specs})
-    batches = _task_batches(cfgs["sum"], model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
-    P = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    configure_deepspeed(accelerator, cfgs["sum"])
-    model, opt = accelerator.prepare(model, opt)
-    steppers = {n: Stepper(accelerator, model, opt, sched, c, list(specs)) for n, c in cfgs.items()}
-    stage, world, K = zero_stage(accelerator), accelerator.num_processes, len(batches[0])
-    phase = Phase(tuple(batches[0]), 1, 1, "bench")
-    moved, counter = {}, {"i": 0}
-
-    def make(name):
-        def run():
-            i = counter["i"] = counter["i"] + 1
-            batch = {t: {k: v.to(accelerator.device) for k, v in b.items()}
-                     for t, b in batches[(i + accelerator.process_index) % len(batches)].items()}
-            moved[name] = steppers[name].step(i, [batch], phase).get("comm_bytes")
-        return run
-    t = alternate({n: make(n) for n in steppers}, 3 if quick else 5)
-    ring = lambda n, passes: passes * n * 4 * (world - 1) // world  # noqa: E731  bytes one rank sends
-    # Gradient traffic per rank and step (ring model; parameter gathers left out: the same for both).
-    # sum: one reduce-scatter of P. pcgrad: ZeRO-3 counts its K reduce-scatters + the Gram itself; under
-    # ZeRO-2 mtbert's reducer moves the rows, then the surrogate backward reduce-scatters P once more.
-    moved["sum"] = ring(P, 1)
-    if stage != 3:
-        moved["pcgrad"] = (moved["pcgrad"] or 0) + ring(P, 1)
-    buf = steppers["pcgrad"].buffers
-    held = {"sum": P * 4 // world if stage == 3 else P * 4,  # the engine's gradient (ZeRO-2: full .grad)
-            "pcgrad": (buf.G.numel() + buf.update.numel()) * 4 + P * 4 // world}
-    rows = [{"part": "zero", "config": f"zero{stage}_{n}", "step_s": s, "vs_sum_same_engine": s / t["sum"],
-             "grad_bytes_per_step_per_rank": moved[n], "grad_buffer_bytes_per_rank": held[n],
-             "K": K, "P": P, "ranks": world} for n, s in t.items()]
-    if accelerator.is_main_process:
-        out.write_text(json.dumps(rows))
-    accelerator.wait_for_everyone()
-
-
-def bench_fsdp2(quick: bool, out: Path, data_dir: str) -> list[dict]:
-    """2 gloo ranks (torchrun: Accelerate has no FSDP on CPU), the model fully_shard'ed per layer."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--nproc_per_node", "2", "-m", "mtbert.bench",
-           "--fsdp2-worker", "--out", str(out)] + (["--quick"] if quick else []) + (
-           [f"--data-dir={data_dir}"] if data_dir else [])
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1800)
-    if res.returncode != 0:
-        raise RuntimeError(f"fsdp2 bench failed:\n{res.stderr[-3000:]}")
-    return json.loads(out.read_text())
-
-
-def fsdp2_worker(quick: bool, out: Path, data_dir: str) -> None:
-    """A summed-loss Stepper and a PCGrad Stepper stepping one fully_shard'ed model alternately."""
-    import torch.distributed as dist
-    from transformers import AutoTokenizer
-    from mtbert.collectives import Collectives
-    from mtbert.config import HeadCfg, parse_args
-    from mtbert.data.tasks import build_specs
-    from mtbert.engines.fsdp2 import plain_accelerator, shard_model
-    from mtbert.methods.phases import Phase
-    from mtbert.model.bert import from_pretrained
-    from mtbert.model.heads import MultitaskModel
-    from mtbert.step import Stepper
-    dist.init_process_group("gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
-    ckpt = _checkpoint(quick, Path(os.environ.get("TMPDIR", "/tmp")) / "mtbert-bench")
-    cfgs = {name: parse_args([f"--model.checkpoint={ckpt}", "--data.batch_size=" + ("4" if quick else "16"),
-                              "--method.conflict_stats=false", f"--method.name={name}", "--train.grad_clip=1.0"]
-                             + ([f"--data.dir={data_dir}"] if data_dir else [])) for name in ("sum", "pcgrad")}
-    torch.manual_seed(0)
-    enc, folder = from_pretrained(cfgs["sum"].model.checkpoint, 0.0)
-    specs = build_specs(cfgs["sum"])
-    model = MultitaskModel(enc, specs, {t: HeadCfg(dropout=0.0) for t in specs})
-    batches = _task_batches(cfgs["sum"], model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
-    P, K = sum(p.numel() for p in model.parameters()), len(batches[0])
-    model = shard_model(model, dist.device_mesh.init_device_mesh("cpu", (world,)))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    acc, coll = plain_accelerator(world, rank), Collectives(world, "cpu", rank=rank)
-    steppers = {n: Stepper(acc, model, opt, sched, c, list(specs), coll) for n, c in cfgs.items()}
-    phase = Phase(tuple(batches[0]), 1, 1, "bench")
-    moved, counter = {}, {"i": 0}
-
-    def make(name):
-        def run():
-            i = counter["i"] = counter["i"] + 1
-            moved[name] = steppers[name].step(i, [batches[(i + rank) % len(batches)]], phase).get("comm_bytes")
-        return run
-    t = alternate({n: make(n) for n in steppers}, 3 if quick else 5)
-    moved["sum"] = P * 4 * (world - 1) // world  # one reduce-scatter of P (ring model)
-    buf = steppers["pcgrad"].buffers
-    held = {"sum": P * 4 // world, "pcgrad": (buf.G.numel() + buf.update.numel()) * 4 + P * 4 // world}
-    rows = [{"part": "fsdp2", "config": f"fsdp2_{n}", "step_s": s, "vs_sum_same_engine": s / t["sum"],
-             "grad_bytes_per_step_per_rank": moved[n], "grad_buffer_bytes_per_rank": held[n],
-             "K": K, "P": P, "ranks": world} for n, s in t.items()]
-    if rank == 0:
-        out.write_text(json.dumps(rows))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def print_table(rows: list[dict]) -> None:
+    """One line per row; a ratio reads ``median [lo-hi, n=repeats]``, and says so when its spread
+    crosses 1.0 (the rounds disagree on which configuration is faster: not a result)."""
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     for part in dict.fromkeys(r["part"] for r in rows):
         print(f"\n[{part}]")
         for r in rows:
-            if r["part"] == part:
-                print("  " + "  ".join(f"{k}={fmt(v)}" for k, v in r.items() if k != "part"))
+            if r["part"] != part:
+                continue
+            cells = []
+            for k, v in r.items():
+                if k == "part" or k.endswith(("_lo", "_hi")) or k == "repeats":
+                    continue
+                if f"{k}_lo" in r:
+                    lo, hi = r[f"{k}_lo"], r[f"{k}_hi"]
+                    cross = " SPREAD CROSSES 1.0" if lo < 1 < hi else ""
+                    cells.append(f"{k}={v:.3f} [{lo:.3f}-{hi:.3f}, n={r['repeats']}]{cross}")
+                else:
+                    cells.append(f"{k}={fmt(v)}")
+            print("  " + "  ".join(cells))
 
 
 def main(argv=None) -> int:
@@ -500,21 +337,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=os.environ.get("MTBERT_DATA_DIR", ""), help="CS224N files (default: sample)")
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
     ap.add_argument("--methods", default="", help="methods part: a comma-separated subset (the summed step always runs)")
-    ap.add_argument("--dist-worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--zero-worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--fsdp2-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.dist_worker:
-        dist_worker(args.quick, args.out, args.data_dir)
-        return 0
-    if args.zero_worker:
-        zero_worker(args.quick, args.out, args.data_dir)
-        return 0
-    if args.fsdp2_worker:
-        fsdp2_worker(args.quick, args.out, args.data_dir)
-        return 0
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mhz_start = cpu_mhz()
     ckpt = _checkpoint(args.quick, Path(os.environ.get("TMPDIR", "/tmp")) / "mtbert-bench")
     parts = args.parts.split(",")
     rows: list[dict] = []
@@ -526,14 +352,18 @@ def main(argv=None) -> int:
         rows += bench_methods(ckpt, args.data_dir, args.quick, tuple(filter(None, args.methods.split(","))))
     if "padding" in parts:
         rows += bench_padding(ckpt, args.data_dir, args.quick)
-    if "dist" in parts:
-        rows += bench_dist(args.quick, args.out.with_suffix(".dist.json"))
-    if "zero" in parts:
-        rows += bench_zero(args.quick, args.out, args.data_dir)
-    if "fsdp2" in parts:
-        rows += bench_fsdp2(args.quick, args.out.with_suffix(".fsdp2.json"), args.data_dir)
+    if {"dist", "zero", "fsdp2"} & set(parts):
+        from mtbert import bench_dist
+        if "dist" in parts:
+            rows += bench_dist.bench_dist(args.quick, args.out.with_suffix(".dist.json"))
+        if "zero" in parts:
+            rows += bench_dist.bench_zero(args.quick, args.out, args.data_dir)
+        if "fsdp2" in parts:
+            rows += bench_dist.bench_fsdp2(args.quick, args.out.with_suffix(".fsdp2.json"), args.data_dir)
     meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "device": str(device),
-            "threads": torch.get_num_threads(), "machine": platform.machine(), "quick": args.quick}
+            "processor": device_peak_tflops(device, torch.float32)[1], "cpu_mhz_start": mhz_start,
+            "cpu_mhz_end": cpu_mhz(), "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "data": args.data_dir or "packaged sample (mtbert/data/sample)", "repeats": REPEATS, "quick": args.quick}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(json.dumps(meta))
     print_table(rows)

@@ -92,3 +92,22 @@ class Collectives:
     def barrier(self) -> None:
         if self.world > 1:
             self.ops.barrier()
+
+    # -- process group and mesh outside Accelerate (FSDP2 step tests, bench_dist) -------------
+    @classmethod
+    def from_env(cls, device: str = "cpu") -> Collectives:
+        """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA)."""
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+        return cls(dist.get_world_size(), device, rank=dist.get_rank())
+
+    def device_mesh(self):
+        """A 1-D mesh over every rank on the run device: FSDP2's collectives then take tensors
+        on the device the process group serves, as every collective here must."""
+        from torch.distributed.device_mesh import init_device_mesh
+        return init_device_mesh(self.device.type, (self.world,))
+
+    def close(self) -> None:
+        self.barrier()
+        if self.world > 1:
+            self.ops.destroy_process_group()

@@ -13,7 +13,6 @@ import json
 import sys
 
 import torch
-import torch.distributed as dist
 
 from mtbert.collectives import Collectives
 from mtbert.config import HeadCfg, parse_args
@@ -42,8 +41,8 @@ def stepper(acc, model, cfg, specs, coll):
 
 
 def main(out: str, ckpt: str, steps: int, accum: int, overrides: list[str]) -> None:
-    dist.init_process_group("gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
+    coll = Collectives.from_env("cpu")
+    world, rank = coll.world, coll.rank
     cfg = parse_args([f"--model.checkpoint={ckpt}", f"--data.batch_size={GLOBAL_BATCH}", "--train.lr=1e-3",
                       "--train.grad_clip=1.0", "--method.conflict_stats=false", "--heads.sts.kind=bi", *overrides])
     from transformers import AutoTokenizer
@@ -56,8 +55,8 @@ def main(out: str, ckpt: str, steps: int, accum: int, overrides: list[str]) -> N
     phase = Phase(tuple(specs), steps, 1, "test")
 
     ref = stepper(plain_accelerator(1, 0, "NO"), ref_model, cfg, specs, Collectives(1, "cpu"))
-    model = shard_model(build(cfg)[0], dist.device_mesh.init_device_mesh("cpu", (world,)))
-    sharded = stepper(plain_accelerator(world, rank, "FSDP"), model, cfg, specs, Collectives(world, "cpu", rank=rank))
+    model = shard_model(build(cfg)[0], coll.device_mesh())
+    sharded = stepper(plain_accelerator(world, rank, "FSDP"), model, cfg, specs, coll)
     norms = {"ref": [], "fsdp2": []}
     for s in range(steps):
         micro = range(s * accum, (s + 1) * accum)
@@ -67,18 +66,15 @@ def main(out: str, ckpt: str, steps: int, accum: int, overrides: list[str]) -> N
                                                  phase)["grad_norm"]))
     got = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
     want = {n: p.detach() for n, p in ref_model.named_parameters()}
-    local_cols = torch.tensor([sharded.buffers.G.shape[1] if sharded.per_task else 0])
-    everyone = [torch.zeros_like(local_cols) for _ in range(world)]
-    dist.all_gather(everyone, local_cols)
+    everyone = coll.gather_objects(sharded.buffers.G.shape[1] if sharded.per_task else 0)
     if rank == 0:
         shared = sum(p.numel() for p in ref.buffers.shared) if ref.per_task else 0
         num = sum(((got[n].double() - want[n].double()) ** 2).sum() for n in want) ** 0.5
         den = sum((want[n].double() ** 2).sum() for n in want) ** 0.5
         worst = max(((got[n] - want[n]).norm() / want[n].norm().clamp_min(1e-12)).item() for n in want)
         json.dump({"norms": norms, "param_rel_diff": float(num / den), "worst_tensor": worst, "world": world,
-                   "shared_params": shared, "local_columns": [int(c) for c in everyone]}, open(out, "w"))
-    dist.barrier()
-    dist.destroy_process_group()
+                   "shared_params": shared, "local_columns": everyone}, open(out, "w"))
+    coll.close()
 
 
 if __name__ == "__main__":
