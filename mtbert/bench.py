@@ -355,7 +355,7 @@ def main(argv=None) -> int:
     if {"dist", "zero", "fsdp2"} & set(parts):
         from mtbert import bench_dist
         if "dist" in parts:
-            rows += bench_dist.bench_dist(args.quick, args.out.with_suffix(".dist.json"))
+            rows += bench_dist.bench_dist(args.quick, args.out.with_suffix(".dist.json"), args.data_dir)
         if "zero" in parts:
             rows += bench_dist.bench_zero(args.quick, args.out, args.data_dir)
         if "fsdp2" in parts:

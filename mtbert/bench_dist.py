@@ -19,13 +19,13 @@ import torch
 from mtbert.bench import _checkpoint, _task_batches, alternate
 
 
-def bench_dist(quick: bool, out: Path) -> list[dict]:
+def bench_dist(quick: bool, out: Path, data_dir: str) -> list[dict]:
     """Launch 2 gloo ranks (accelerate, cpu_2proc.yaml) running ``--dist-worker``."""
     root = Path(__file__).resolve().parents[1]
     accel = Path(sys.executable).parent / "accelerate"
     cmd = [str(accel) if accel.exists() else "accelerate", "launch", "--config_file",
            str(root / "accelerate_configs" / "cpu_2proc.yaml"), "-m", "mtbert.bench_dist", "dist",
-           "--out", str(out)] + (["--quick"] if quick else [])
+           "--out", str(out)] + (["--quick"] if quick else []) + ([f"--data-dir={data_dir}"] if data_dir else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if res.returncode != 0:

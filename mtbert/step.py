@@ -87,7 +87,7 @@ class Stepper:
         self.task_model = self.model if self.engine.forward_through_wrapper else self.module
         if self.per_task:  # the engine knows where per-task gradients live (full rows or partitions)
             self.buffers = self.engine.make_buffers(self.module, tasks, collectives.world, cfg.method.gram_blocks)
-            self.reducer = self.engine.make_reducer(cfg.method.reducer, collectives)
+            self.reducer = self.engine.make_reducer(cfg.method.reducer, collectives, len(tasks))
             self.method_state = aggregators.initial_state(cfg.method.name, len(tasks), len(self.buffers.blocks))
         else:
             self.method_state = loss_weighting.initial_state(cfg.method.name, len(tasks))
@@ -180,9 +180,11 @@ class Stepper:
         planned = {t for mb in micro_batches for t in mb.batches}
         present = [t for t in self.tasks if t in planned]
         losses = self._per_task_gradients(step, micro_batches, phase, present)
+        self.reducer.wait()  # the rows' reductions, launched as each task finished its backward
         rows = self.buffers.rows(present)  # [k, P_pad]
+        idx = [self.buffers.tasks.index(t) for t in present]
         gram, local_rows, blocks, moved = self.reducer.reduce(rows, [self.buffers.priv_flat[t] for t in present],
-                                                              self.buffers.blocks)  # gram: [L, k, k]
+                                                              self.buffers.blocks, idx)  # gram: [L, k, k]
         stats = {f"loss/{t}": v for t, v in losses.items()}
         stats["comm_bytes"] = moved
         finite = bool(torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all())  # identical on every rank
@@ -211,6 +213,8 @@ class Stepper:
         buf, n = self.buffers, len(micro_batches)
         buf.start(present, attach=self.engine.attach_rows)
         scale = self.scaler.scale if self.scaler else 1.0
+        last = {t: i for i, mb in enumerate(micro_batches) for t in mb.batches}  # where each row is complete
+        overlap = self.scaler is None  # fp16: rows are unscaled first (below), then reduced
         losses = {}
         for i, mb in enumerate(micro_batches):
             for t, b in mb.batches.items():
@@ -219,8 +223,15 @@ class Stepper:
                 loss = self._task_loss(t, b, out, mb.shares[t], phase, self._noise_seed(step, i, t)) / n
                 self.engine.task_backward(buf, t, loss * scale)
                 losses[t] = losses.get(t, 0) + loss.detach()
+                if overlap and i == last[t]:  # row t is final: reduce it while the next task computes
+                    self._launch(t)
         if self.scaler:  # unscale before any dot product (rows() may be a copy: unscale G itself)
             for t in present:
                 buf.G[buf.tasks.index(t)].div_(scale)
                 buf.priv_flat[t].div_(scale)
+                self._launch(t)
         return losses
+
+    def _launch(self, task: str) -> None:
+        k = self.buffers.tasks.index(task)
+        self.reducer.launch(k, self.buffers.G[k], self.buffers.priv_flat[task])

@@ -21,17 +21,26 @@ from mtbert.replicas import ranks_agree
 PACKAGE = Path(__file__).resolve().parents[1] / "mtbert"
 
 
+class Done:
+    """A finished asynchronous collective."""
+
+    def wait(self):
+        pass
+
+
 class RecordingGroup:
     """Stands in for torch.distributed: records (collective, devices of its tensors)."""
 
     def __init__(self):
         self.calls = []
 
-    def all_reduce(self, t, op=None):
+    def all_reduce(self, t, op=None, async_op=False):
         self.calls.append(("all_reduce", t.device.type))
+        return Done()
 
-    def reduce_scatter_tensor(self, out, inp):
+    def reduce_scatter_tensor(self, out, inp, async_op=False):
         self.calls.append(("reduce_scatter", out.device.type, inp.device.type))
+        return Done()
 
     def all_gather_into_tensor(self, out, inp):
         self.calls.append(("all_gather", out.device.type, inp.device.type))
@@ -58,8 +67,11 @@ def test_reducers_hand_only_run_device_tensors_to_collectives(reducer, blocks):
     coll = Collectives(world=2, device="meta", ops=group, rank=1)
     model = TwoTaskModel().to("meta")
     buf = GradientBuffers(model, ["a", "b"], world=2, gram_blocks=blocks)
-    red = make_reducer(reducer, coll)
-    gram, _, _, _ = red.reduce(buf.rows(["a", "b"]), [buf.priv_flat["a"], buf.priv_flat["b"]], buf.blocks)
+    red = make_reducer(reducer, coll, 2)
+    for k, t in enumerate(["a", "b"]):  # as step.py does after each task's backward
+        red.launch(k, buf.G[k], buf.priv_flat[t])
+    red.wait()
+    gram, _, _, _ = red.reduce(buf.rows(["a", "b"]), [buf.priv_flat["a"], buf.priv_flat["b"]], buf.blocks, [0, 1])
     red.finish(buf.update)
     assert group.calls, "the reducer made no collective call"
     assert all(dev == "meta" for call in group.calls for dev in call[1:]), group.calls

@@ -147,7 +147,7 @@ class Fsdp2Engine(TorchEngine):
     def make_buffers(self, module, tasks: list[str], world: int, gram_blocks: str) -> ShardRows:
         return ShardRows(module, tasks, gram_blocks)
 
-    def make_reducer(self, kind: str, collectives) -> GramOnlyReducer:
+    def make_reducer(self, kind: str, collectives, K: int) -> GramOnlyReducer:
         local = sum(_local(p).numel() for p in self.params)
         return GramOnlyReducer(collectives, local * 4)
 

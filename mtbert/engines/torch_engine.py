@@ -63,8 +63,8 @@ class TorchEngine:
     def make_buffers(self, module, tasks: list[str], world: int, gram_blocks: str) -> GradientBuffers:
         return GradientBuffers(module, tasks, world, gram_blocks)
 
-    def make_reducer(self, kind: str, collectives):
-        return make_reducer(kind, collectives)
+    def make_reducer(self, kind: str, collectives, K: int):
+        return make_reducer(kind, collectives, K)
 
     def task_backward(self, buffers, task: str, loss: torch.Tensor) -> None:
         """Task ``task``'s gradient into its row (and its private buffer)."""

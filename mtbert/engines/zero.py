@@ -49,8 +49,8 @@ class DeepSpeedEngine:
     def make_buffers(self, module, tasks: list[str], world: int, gram_blocks: str) -> GradientBuffers:
         return GradientBuffers(module, tasks, world, gram_blocks)
 
-    def make_reducer(self, kind: str, collectives):
-        return make_reducer(kind, collectives)
+    def make_reducer(self, kind: str, collectives, K: int):
+        return make_reducer(kind, collectives, K)
 
     def task_backward(self, buffers, task: str, loss: torch.Tensor) -> None:
         params = buffers.shared + buffers.private[task]

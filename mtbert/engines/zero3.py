@@ -140,7 +140,7 @@ class Zero3Engine(DeepSpeedEngine):
     def make_buffers(self, module, tasks: list[str], world: int, gram_blocks: str) -> PartitionRows:
         return PartitionRows(self.engine.optimizer, module, tasks, gram_blocks)
 
-    def make_reducer(self, kind: str, collectives) -> GramOnlyReducer:
+    def make_reducer(self, kind: str, collectives, K: int) -> GramOnlyReducer:
         flat = self.engine.optimizer.grad_partitions_flat_buffer
         return GramOnlyReducer(collectives, flat.numel() * flat.element_size())
 

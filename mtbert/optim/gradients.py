@@ -172,9 +172,19 @@ class GradientBuffers:
 
 
 class LocalReducer:
+    """One process: nothing to reduce. Every reducer: ``launch`` a finished task row (its
+    reduction may start at once, while the next task computes), ``wait`` for all of them, then
+    ``reduce`` -> Gram; ``finish`` completes the update after the weights."""
+
     world = 1
 
-    def reduce(self, rows: torch.Tensor, private: list[torch.Tensor], blocks: Blocks):
+    def launch(self, k: int, row: torch.Tensor, private: torch.Tensor) -> None:
+        pass
+
+    def wait(self) -> None:
+        pass
+
+    def reduce(self, rows: torch.Tensor, private: list[torch.Tensor], blocks: Blocks, idx: list[int] | None = None):
         """-> (block Grams [L, k, k] float64, rows to combine, their block ranges, bytes moved)."""
         return block_gram(rows, blocks), rows, blocks, 0
 
@@ -187,43 +197,51 @@ def _ring_bytes(t: torch.Tensor, world: int, passes: int = 2) -> int:
     return passes * t.numel() * t.element_size() * (world - 1) // world
 
 
-class AllReduceReducer:
-    """Average every task's full gradient on every rank (buckets), then Gram + update locally."""
+class AllReduceReducer(LocalReducer):
+    """Average every task's full gradient on every rank (in buckets, each task's row as soon as
+    its backward is done), then Gram + update locally."""
 
     def __init__(self, coll: Collectives):
-        self.coll, self.world = coll, coll.world
+        self.coll, self.world, self.pending = coll, coll.world, []
 
-    def reduce(self, rows, private, blocks):
-        self.coll.all_reduce_mean_(rows)  # rows is [k, P_pad] (a view of G or a copy)
-        moved = _ring_bytes(rows, self.world)
-        for flat in private:
-            self.coll.all_reduce_mean_(flat)
-            moved += _ring_bytes(flat, self.world)
+    def launch(self, k, row, private):
+        self.pending += [self.coll.all_reduce_mean(row), self.coll.all_reduce_mean(private)]
+
+    def wait(self):
+        for p in self.pending:
+            p.wait()
+        self.pending = []
+
+    def reduce(self, rows, private, blocks, idx=None):
+        """``rows`` [k, P_pad] were launched and waited for (a view of G or a copy made after)."""
+        moved = _ring_bytes(rows, self.world) + sum(_ring_bytes(flat, self.world) for flat in private)
         return block_gram(rows, blocks), rows, blocks, moved
 
-    def finish(self, update):
-        return 0
 
+class ShardedReducer(AllReduceReducer):
+    """Reduce-scatter per-task gradients (each as soon as its backward is done); only the K x K
+    Gram matrix is all-reduced, and the update formed on the shard is all-gathered."""
 
-class ShardedReducer:
-    """Reduce-scatter per-task gradients; only the K x K Gram matrix is all-reduced."""
+    def __init__(self, coll: Collectives, K: int):
+        super().__init__(coll)
+        self.K, self.shard = K, None  # shard: [K, P_pad / N], this rank's columns of every task's row
 
-    def __init__(self, coll: Collectives):
-        self.coll, self.world = coll, coll.world
+    def launch(self, k, row, private):
+        if self.shard is None:
+            self.shard = torch.empty(self.K, row.numel() // self.world, dtype=row.dtype, device=row.device)
+        self.pending += [self.coll.reduce_scatter_mean(self.shard[k], row), self.coll.all_reduce_mean(private)]
 
-    def reduce(self, rows, private, blocks):
+    def reduce(self, rows, private, blocks, idx=None):
         k, P_pad = rows.shape
         n = P_pad // self.world
-        shard = torch.empty(k, n, dtype=rows.dtype, device=rows.device)  # [k, P/N]: this rank's columns
-        for i in range(k):  # each task row: averaged, and scattered by column blocks
-            self.coll.reduce_scatter_mean(shard[i], rows[i])
+        idx = list(range(k)) if idx is None else idx
+        contiguous = idx == list(range(idx[0], idx[0] + k))
+        shard = self.shard[idx[0]:idx[0] + k] if contiguous else self.shard[idx]  # [k, P/N]
         mine = local_blocks(blocks, self.coll.rank * n, n)  # each parameter block's part in this shard
         gram = block_gram(shard, mine)  # [L, k, k] partial
         self.coll.all_reduce_sum_(gram)  # sums of partial Grams over column blocks = the full block Grams
         moved = _ring_bytes(rows, self.world, 1) + 2 * gram.numel() * 8
-        for flat in private:
-            self.coll.all_reduce_mean_(flat)
-            moved += _ring_bytes(flat, self.world)
+        moved += sum(_ring_bytes(flat, self.world) for flat in private)
         return gram, shard, mine, moved
 
     def finish(self, update: torch.Tensor) -> int:
@@ -234,7 +252,7 @@ class ShardedReducer:
         return _ring_bytes(update, self.world, 1)
 
 
-class GramOnlyReducer:
+class GramOnlyReducer(LocalReducer):
     """For engines that shard gradients themselves (ZeRO-3, FSDP2): after each task's backward
     every rank already holds its shard of that task's averaged gradient, so only the partial
     K x K Gram matrices (one per block) are summed over ranks; each rank keeps its shard of the
@@ -244,7 +262,7 @@ class GramOnlyReducer:
         self.coll, self.world = coll, coll.world
         self.rs_bytes = shard_bytes * (coll.world - 1)  # what the engine's reduce-scatter of one task sends
 
-    def reduce(self, rows, private, blocks):
+    def reduce(self, rows, private, blocks, idx=None):
         gram = block_gram(rows, blocks)  # [L, k, k] partial, float64
         self.coll.all_reduce_sum_(gram)
         return gram, rows, blocks, rows.shape[0] * self.rs_bytes + _ring_bytes(gram, self.world)
@@ -253,7 +271,8 @@ class GramOnlyReducer:
         return 0
 
 
-def make_reducer(kind: str, coll: Collectives):
+def make_reducer(kind: str, coll: Collectives, K: int):
+    """K: the run's number of tasks (rows)."""
     if coll.world == 1:
         return LocalReducer()
-    return ShardedReducer(coll) if kind == "sharded" else AllReduceReducer(coll)
+    return ShardedReducer(coll, K) if kind == "sharded" else AllReduceReducer(coll)
