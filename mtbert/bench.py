@@ -4,6 +4,7 @@ side in this process run: configurations alternate, after warm-up, median of rep
     python -m mtbert.bench                    # ~ a few minutes on 2 CPU cores, MiniLM-L6 size
     python -m mtbert.bench --quick            # tiny model, seconds (what the tests run)
     python -m mtbert.bench --parts model,methods,padding,dist --out bench.json
+    python -m mtbert.bench --quality runs/a runs/b --targets sst=0.48,quora=0.86,sts=0.875  # time-to-quality
 
 Parts: ``model`` (minBERT vs transformers.BertModel train step, fp32 and bf16 autocast; tokens/s
 and MFU), ``optimizer`` (AdamW for-loop vs foreach vs fused), ``methods`` (each method's step vs the summed-loss step on the same batches),
@@ -337,7 +338,17 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=os.environ.get("MTBERT_DATA_DIR", ""), help="CS224N files (default: sample)")
     ap.add_argument("--out", type=Path, default=Path("bench.json"))
     ap.add_argument("--methods", default="", help="methods part: a comma-separated subset (the summed step always runs)")
+    ap.add_argument("--quality", nargs="+", metavar="RUN_DIR", help="time-to-quality of these runs (mtbert/quality.py)")
+    ap.add_argument("--targets", default="", help="with --quality: TASK=VALUE,... (default: the recipe's dev targets)")
     args = ap.parse_args(argv)
+    if args.quality:
+        from mtbert.quality import report
+        try:
+            print(report(args.quality, args.targets))
+        except ValueError as e:
+            print(f"input error: {e}", file=sys.stderr)
+            return 2
+        return 0
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mhz_start = cpu_mhz()

@@ -109,7 +109,8 @@ def resume_run(run: Run, chosen: Path | None) -> None:
     if chosen is None:
         return
     saved = ckpt.load_checkpoint(run.accelerator, chosen)
-    run.state = TrainState(saved["step"], saved["best"], saved["bad_streak"], saved["evaluated"])
+    run.state = TrainState(saved["step"], saved["best"], saved["bad_streak"], saved["evaluated"],
+                           saved.get("examples", 0))
     run.window = LogWindow.from_state(saved["window"])
     run.sampler.load_state_dict(saved["sampler"])
     if run.scaler and saved.get("scaler"):

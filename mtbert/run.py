@@ -29,6 +29,7 @@ class TrainState:
     best: float = -1.0  # best dev overall so far
     bad_streak: int = 0  # non-finite steps in a row
     evaluated: int = -1  # step of the last evaluation at a phase end (0: the one at the start)
+    examples: int = 0  # training examples of the global batches so far (time-to-quality: mtbert.quality)
 
 
 @dataclass

@@ -158,7 +158,7 @@ def evaluate_dev(run: Run, label: str) -> None:
     metrics, overall, _ = evaluate(run.module, run.dev, run.specs, run.cfg.data.eval_batch_size,
                                    run.accelerator.device, run.autocast, run.collectives,
                                    run.accelerator.process_index)
-    record = {"step": step, "split": "dev", "phase": label, "overall": overall}
+    record = {"step": step, "split": "dev", "phase": label, "examples": run.state.examples, "overall": overall}
     record.update({f"{t}/{k}": v for t, m in metrics.items() for k, v in m.items()})
     run.reporter.log(record)
     run.reporter.print(f"[dev] step {step} ({label}): overall {overall:.4f} | " +
@@ -183,6 +183,7 @@ def micro_batches(run: Run, phase: Phase, window: LogWindow) -> list[MicroBatch]
         idx = {t: i or run.sampler.placeholder(t) for t, i in idx.items()}  # share 0: see MicroBatch
         out.append(MicroBatch({t: run.train[t].batch(i, run.accelerator.device) for t, i in idx.items()}, shares))
         window.examples += sum(plan.values())
+        run.state.examples += sum(plan.values())
         window.tokens += sum(run.train[t].token_count(i) for t, i in idx.items() if shares[t]) * world
     return out
 
@@ -191,7 +192,7 @@ def log_train(run: Run, phase: Phase, window: LogWindow) -> LogWindow:
     """Write the window's train metrics line; return a fresh window."""
     dt = time.time() - window.t0
     record = {"step": run.state.step, "split": "train", "phase": phase.label, "epoch": phase.epoch,
-              "lr": run.scheduler.get_last_lr()[0], "examples_per_s": window.examples / dt,
+              "examples": run.state.examples, "lr": run.scheduler.get_last_lr()[0], "examples_per_s": window.examples / dt,
               "tokens_per_s": window.tokens / dt}
     global_mean_losses(window.stats, run.collectives)
     for k, vs in window.stats.items():
