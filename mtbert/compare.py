@@ -5,7 +5,10 @@
 
 Reads each run's config.json, metrics.jsonl and summary.json (nothing depends on W&B).
 Writes ``table.md`` (ranked by best dev overall), ``dev_curves.png`` (one panel per task,
-a line per run) and ``final_scores.png`` (best dev score per task and run); with
+a line per run), ``final_scores.png`` (best dev score per task and run), and for the seed
+groups (runs differing only in ``train.seed``: mtbert/seed_groups.py) ``stats.md`` (mean ± 95%
+CI and n, differences to ``--reference`` tested on the dev predictions) and
+``group_scores.png`` (error bars); with
 ``--analysis`` also each run's analysis report (mtbert/analysis.py).
 """
 
@@ -30,6 +33,8 @@ class RunSummary:
     steps: int = 0
     wall_s: float = 0.0
     examples_per_s: float = 0.0
+    cfg: dict = field(default_factory=dict)  # config.json (W&B: the run's config)
+    path: Path | None = None  # the run directory (None for W&B runs: no prediction files)
 
     def task_metrics(self) -> dict[str, str]:
         """task -> its metric key (acc or pearson), from the records."""
@@ -59,7 +64,7 @@ def load_run(path: Path) -> RunSummary:
         raise FileNotFoundError(f"{path}: no metrics.jsonl (is it a run directory?)")
     cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
     records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    run = RunSummary(path.name, method_label(cfg), [r for r in records if r.get("split") == "dev"])
+    run = RunSummary(path.name, method_label(cfg), [r for r in records if r.get("split") == "dev"], cfg=cfg, path=path)
     train = [r for r in records if r.get("split") == "train"]
     if train:
         run.steps = max(r["step"] for r in train)
@@ -82,7 +87,7 @@ def load_wandb_group(spec: str) -> list[RunSummary]:
         dev = [{k.removeprefix("dev/"): v for k, v in row.items() if k.startswith("dev/")} | {"step": row["_step"]}
                for row in r.scan_history() if "dev/overall" in row]
         runs.append(RunSummary(r.name, method_label(r.config), dev, int(r.summary.get("_step", 0)),
-                               float(r.summary.get("_runtime", 0.0))))
+                               float(r.summary.get("_runtime", 0.0)), cfg=dict(r.config)))
     return runs
 
 
@@ -160,6 +165,9 @@ def main(argv=None) -> int:
     ap.add_argument("--wandb-group", default="", help="ENTITY/PROJECT/GROUP instead of run directories")
     ap.add_argument("--out", type=Path, default=None, help="where table.md and the plots go (default: next to the runs)")
     ap.add_argument("--analysis", action="store_true", help="also write each run's analysis report")
+    ap.add_argument("--reference", default="", help="the group the others are tested against (a group label or "
+                    "method title; default: the summed loss)")
+    ap.add_argument("--rounds", type=int, default=2000, help="bootstrap rounds of the paired test")
     args = ap.parse_args(argv)
     if not args.runs and not args.wandb_group:
         ap.error("give run directories or --wandb-group")
@@ -175,6 +183,13 @@ def main(argv=None) -> int:
     print(text)
     for p in plot(runs, out):
         print(f"wrote {p}")
+    from mtbert.seed_groups import report
+    try:
+        print("\n" + report(runs, out, args.reference, args.rounds))
+    except ValueError as e:
+        print(f"compare: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out / 'stats.md'} and {out / 'group_scores.png'}")
     if args.analysis:
         from mtbert.analysis import write_report
         for path in args.runs:

@@ -294,6 +294,9 @@ def finish(run: Run) -> None:
                 spec = run.specs[t]
                 write_predictions(run_dir / "predictions" / f"{spec.pred_name}-{split_name}-output.csv",
                                   spec.pred_header, split.ids, preds, run.module.heads[t].regression)
+                if split_name == "dev" and split.labels is not None:  # mtbert.compare's paired tests read it
+                    write_predictions(run_dir / "predictions" / f"{spec.pred_name}-dev-gold.csv", f"Gold_{t}",
+                                      split.ids, split.labels.tolist(), run.module.heads[t].regression)
     peak_gpu = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1) if torch.cuda.is_available() else None
     run.reporter.write_json("summary.json", {
         "steps": run.state.step, "best": info, "wall_s": round(time.time() - run.reporter.t0, 1),

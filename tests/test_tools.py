@@ -95,7 +95,8 @@ def test_ensemble_fine_tunes_each_task_and_writes_predictions(two_runs):
         assert trained == {task}
     names = sorted(p.name for p in (ens / "predictions").iterdir())
     assert names == sorted(["cfimdb-dev-output.csv", "cfimdb-test-output.csv", "para-dev-output.csv",
-                            "sst-dev-output.csv", "sst-test-output.csv", "sts-dev-output.csv", "sts-test-output.csv"])
+                            "sst-dev-output.csv", "sst-test-output.csv", "sts-dev-output.csv", "sts-test-output.csv",
+                            "cfimdb-dev-gold.csv", "para-dev-gold.csv", "sst-dev-gold.csv", "sts-dev-gold.csv"])
 
 
 def test_user_defined_task_from_files(tiny_ckpt, tmp_path):

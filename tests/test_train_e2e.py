@@ -39,6 +39,11 @@ def _check_prediction_files(out, max_eval: int) -> None:
                 assert re.fullmatch(r"-?\d+\.\d{4} ", pred) and math.isfinite(value)  # (unclamped: Pearson)
             else:
                 assert value == int(value) and 0 <= value < spec.num_labels, f"{name}: {pred!r}"
+        if split == "dev":  # the gold labels beside it (mtbert.compare's paired tests)
+            gold = (out / "predictions" / name.replace("-output", "-gold")).read_text().splitlines()
+            assert gold[0] == f"id \t Gold_{spec.name} "
+            got = [(i, float(v)) for i, v in (line.split(" , ") for line in gold[1:])]
+            assert got == [(e.id, pytest.approx(float(e.label), abs=1e-4)) for e in source][:max_eval]
 
 
 def test_full_tiny_run_writes_every_output(tiny_ckpt, tmp_path):
