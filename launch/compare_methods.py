@@ -3,12 +3,18 @@ checkpoint, under one fixed budget of training examples per method, then write a
 table (per-task dev scores, overall, wall time) and plots.
 
     python launch/compare_methods.py --data-dir ../shared/data/cs224n --steps 60 --out runs/methods
+    python launch/compare_methods.py --seeds 3 --only "sum (joint RR),MGDA" --out runs/study   # seed groups
 
 Budget: every method sees the same number of training examples, ``steps x 3 x batch`` (the
 round-robin joint run's count): one-task-per-step schedules get 3x the steps, pairs 1.5x,
 ARRP's extra largest-task batches come out of its round-robin steps. Wall time differs by
 method (SMART costs ~3 forwards per task batch) and is reported. The ensemble fine-tunes the
 PCGrad run per task with an extra third of the budget per task, and is marked so.
+
+With ``--seeds N`` every method runs with train.seed 1..N (``OUT/<method>/seed_<s>``); the table
+gives the mean over seeds, and ``OUT/compare/stats.md`` (python -m mtbert.compare) the mean ±
+95% CI per method and which methods differ from the summed loss at 5% after the correction.
+The ensemble is built on the first seed's PCGrad run only.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-eval", type=int, default=600, help="dev examples per task for the table")
     ap.add_argument("--out", type=Path, default=Path("runs/methods"))
     ap.add_argument("--only", default="", help="comma-separated subset of method titles")
+    ap.add_argument("--seeds", type=int, default=1, help="runs per method, train.seed 1..N (seed groups)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs in OUT that finished with the same settings (summary.json written, same "
                          "config.json) and run only the others: a long comparison can be continued")
@@ -73,21 +80,29 @@ def main(argv=None) -> int:
               f"--data.max_eval={args.max_eval}", "--heads.quora.kind=cross", "--train.resume=false",
               "--train.predict_test=false"]
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, dirs = [], {}
+    rows, dirs, runs = [], {}, []
     for name, extra in methods(args.steps).items():
         if args.only and name not in args.only.split(","):
             continue
-        d = args.out / slug(name)
-        overrides = [*common, *extra, f"--train.out_dir={d}"]
-        if args.resume and finished(d, overrides):
-            wall = json.loads((d / "summary.json").read_text())["wall_s"]
-            print(f"{name}: kept the finished run in {d}", flush=True)
-        else:
-            wall = run(overrides, args.out / f"{slug(name)}.log")
-        dirs[name] = d
-        best = json.loads((d / "summary.json").read_text())["best"]
-        rows.append((name, best["metrics"], best["overall"], wall))
-        print(f"{name}: overall {best['overall']:.4f} in {wall / 60:.1f} min", flush=True)
+        scores = []
+        for seed in range(1, args.seeds + 1):
+            d = args.out / slug(name) / f"seed_{seed}" if args.seeds > 1 else args.out / slug(name)
+            overrides = [*common, *extra, f"--train.out_dir={d}"] + ([f"--train.seed={seed}"] if args.seeds > 1 else [])
+            log = d.parent / f"{d.name}.log" if args.seeds > 1 else args.out / f"{slug(name)}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            if args.resume and finished(d, overrides):
+                wall = json.loads((d / "summary.json").read_text())["wall_s"]
+                print(f"{name} seed {seed}: kept the finished run in {d}", flush=True)
+            else:
+                wall = run(overrides, log)
+            dirs.setdefault(name, d)  # the first seed's run (the ensemble's base)
+            runs.append(d)
+            best = json.loads((d / "summary.json").read_text())["best"]
+            scores.append((best["metrics"], best["overall"], wall))
+            print(f"{name} seed {seed}: overall {best['overall']:.4f} in {wall / 60:.1f} min", flush=True)
+        mean = {t: {k: sum(s[0][t][k] for s in scores) / len(scores) for k in scores[0][0][t]} for t in scores[0][0]}
+        rows.append((name + (f" (mean of {len(scores)} seeds)" if len(scores) > 1 else ""), mean,
+                     sum(s[1] for s in scores) / len(scores), sum(s[2] for s in scores) / len(scores)))
     pcgrad = METHODS["pcgrad"].title
     if pcgrad in dirs:
         base = dirs[pcgrad]
@@ -101,7 +116,7 @@ def main(argv=None) -> int:
         rows.append((f"{METHODS['ensemble'].title}, +1/3 budget per task", ens["metrics"], ens["overall"],
                      time.time() - t0))
     tasks = ["sst", "quora", "sts"]
-    lines = ["| method | SST acc | Quora acc | STS r | overall | wall min |", "|---|---|---|---|---|---|"]
+    lines = ["| method | SST acc | Quora acc | STS r | overall | wall min (per run) |", "|---|---|---|---|---|---|"]
     for name, m, overall, wall in sorted(rows, key=lambda r: -r[2]):
         cells = [f"{m[t].get('acc', m[t].get('pearson')):.3f}" if t in m else "-" for t in tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {overall:.4f} | {wall / 60:.1f} |")
@@ -111,8 +126,10 @@ def main(argv=None) -> int:
         f"{args.max_eval} examples per task; all-MiniLM-L6-v2 on 2 CPU cores. Quora numbers are on the carved "
         f"16k/4.2k split, not comparable with published CS224N Quora dev numbers.\n\n{table}\n")
     print(table)
-    subprocess.run([sys.executable, "-m", "mtbert.compare", *map(str, dirs.values()), "--out", str(args.out / "compare")],
+    subprocess.run([sys.executable, "-m", "mtbert.compare", *map(str, runs), "--out", str(args.out / "compare")],
                    cwd=ROOT, check=True, capture_output=True)
+    if args.seeds > 1:
+        print((args.out / "compare" / "stats.md").read_text())
     print(f"wrote {args.out / 'results.md'} and plots in {args.out / 'compare'}")
     return 0
 

@@ -12,7 +12,8 @@ and MFU), ``optimizer`` (AdamW for-loop vs foreach vs fused), ``methods`` (each 
 (2 gloo ranks: distributed PCGrad vs DDP summed step, bytes per step; launched as a subprocess),
 ``zero`` (bench_dist.py: 2 gloo ranks under ZeRO-2 and ZeRO-3: PCGrad vs the summed step under the same engine,
 gradient bytes per step and gradient buffers held per rank), ``fsdp2`` (the same under FSDP2,
-2 gloo ranks started by torchrun).
+2 gloo ranks started by torchrun); on request ``compile`` (bench_compile.py: the encoder eager vs
+torch.compile on varying lengths, compile time amortised over a recipe-length run).
 """
 
 from __future__ import annotations
@@ -363,6 +364,9 @@ def main(argv=None) -> int:
         rows += bench_methods(ckpt, args.data_dir, args.quick, tuple(filter(None, args.methods.split(","))))
     if "padding" in parts:
         rows += bench_padding(ckpt, args.data_dir, args.quick)
+    if "compile" in parts:  # not in the default parts: minutes of compilation on a CPU
+        from mtbert.bench_compile import bench_compile
+        rows += bench_compile(ckpt, device, args.quick)
     if {"dist", "zero", "fsdp2"} & set(parts):
         from mtbert import bench_dist
         if "dist" in parts:
