@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from mtbert.engines.torch_engine import TorchEngine
-from mtbert.optim.gradients import GramOnlyReducer, block_ranges, combine_into
+from mtbert.optim.gradients import GramOnlyReducer, TaskRows, block_ranges
 
 
 def shard_model(module: torch.nn.Module, mesh) -> torch.nn.Module:
@@ -51,7 +51,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-class ShardRows:
+class ShardRows(TaskRows):
     """This rank's dim-0 shards of the per-task gradients; the Stepper's GradientBuffers interface
     (start, rows, blocks, set_update). Shared columns in module order: blocks are ranges."""
 
@@ -87,15 +87,6 @@ class ShardRows:
                     flat[offset:offset + n].add_(_local(p.grad).reshape(-1).float())
                     p.grad = None
                 offset += n
-
-    def rows(self, present: list[str]) -> torch.Tensor:
-        idx = [self.tasks.index(t) for t in present]
-        if idx == list(range(idx[0], idx[0] + len(idx))):
-            return self.G[idx[0]:idx[0] + len(idx)]
-        return self.G[idx]
-
-    def set_update(self, w: torch.Tensor, rows: torch.Tensor, blocks=None) -> None:
-        combine_into(self.update, w, rows, blocks)
 
     def hand_back(self, present: list[str]) -> None:
         """DTensor gradients <- the update's shards (shared) and the present tasks' head shards."""

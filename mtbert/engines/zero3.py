@@ -36,7 +36,7 @@ import torch
 
 from mtbert.config import ConfigError
 from mtbert.engines.zero import DeepSpeedEngine
-from mtbert.optim.gradients import GramOnlyReducer, block_ranges, combine_into
+from mtbert.optim.gradients import GramOnlyReducer, TaskRows, block_ranges
 
 
 def _positions(offsets: dict, params: list, device) -> torch.Tensor:
@@ -45,7 +45,7 @@ def _positions(offsets: dict, params: list, device) -> torch.Tensor:
     return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(device)
 
 
-class PartitionRows:
+class PartitionRows(TaskRows):
     """This rank's partitions of the per-task gradients. The shared columns are in the module's
     parameter order, so each parameter block (``method.gram_blocks=layer``) is a column range.
     The interface the Stepper uses is GradientBuffers': start, rows, blocks, set_update."""
@@ -89,15 +89,6 @@ class PartitionRows:
         self.G[self.tasks.index(task)].add_(flat.index_select(0, self.shared_idx).float())
         self.priv_flat[task].add_(flat.index_select(0, self.private_idx[task]).float())
         flat.zero_()
-
-    def rows(self, present: list[str]) -> torch.Tensor:
-        idx = [self.tasks.index(t) for t in present]
-        if idx == list(range(idx[0], idx[0] + len(idx))):
-            return self.G[idx[0]:idx[0] + len(idx)]
-        return self.G[idx]
-
-    def set_update(self, w: torch.Tensor, rows: torch.Tensor, blocks=None) -> None:
-        combine_into(self.update, w, rows, blocks)
 
     def hand_back(self, present: list[str]) -> None:
         """The flat buffer <- the combined shared update and the present tasks' head gradients."""

@@ -93,7 +93,28 @@ def _views(flat: torch.Tensor, params: list) -> list[torch.Tensor]:
     return out
 
 
-class GradientBuffers:
+class TaskRows:
+    """What every per-task gradient store has (full rows here; partitions or shards in the
+    sharded engines): ``tasks``, rows ``G`` [K, n] and the combined ``update`` [n]."""
+
+    tasks: list[str]
+    G: torch.Tensor
+    update: torch.Tensor
+
+    def rows(self, present: list[str]) -> torch.Tensor:
+        idx = [self.tasks.index(t) for t in present]
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            return self.G[idx[0]:idx[0] + len(idx)]  # a view: no copy
+        return self.G[idx]
+
+    def set_update(self, w: torch.Tensor, rows: torch.Tensor, blocks: Blocks | None = None) -> None:
+        """update <- w @ rows. rows: [k, n], or [k, P_pad/N] columns of this rank under the
+        sharded reducer (its ``finish`` then all-gathers the rest of ``self.update``).
+        w: [k], or [L, k] per block with ``blocks`` the block ranges local to ``rows``."""
+        combine_into(self.update, w, rows, blocks)
+
+
+class GradientBuffers(TaskRows):
     """Flat per-task gradient storage for one model and a fixed task list."""
 
     def __init__(self, model: torch.nn.Module, tasks: list[str], world: int = 1, gram_blocks: str = "whole"):
@@ -153,17 +174,6 @@ class GradientBuffers:
     def absent(self, present: list[str]) -> list[str]:
         return [t for t in self.tasks if t not in present]
 
-    def rows(self, present: list[str]) -> torch.Tensor:
-        idx = [self.tasks.index(t) for t in present]
-        if idx == list(range(idx[0], idx[0] + len(idx))):
-            return self.G[idx[0]:idx[0] + len(idx)]  # a view: no copy
-        return self.G[idx]
-
-    def set_update(self, w: torch.Tensor, rows: torch.Tensor, blocks: Blocks | None = None) -> None:
-        """update <- w @ rows. rows: [k, P_pad], or [k, P_pad/N] columns of this rank under the
-        sharded reducer (its ``finish`` then all-gathers the rest of ``self.update``).
-        w: [k], or [L, k] per block with ``blocks`` the block ranges local to ``rows``."""
-        combine_into(self.update, w, rows, blocks)
 
     def attach_update(self) -> None:
         """shared .grad <- views of the update, for the optimizer."""
