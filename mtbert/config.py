@@ -175,7 +175,8 @@ class TrainCfg:
     """`auto` (from the accelerate config / launch flags), `no` (fp32), `bf16` or `fp16` (GPU only:
     Accelerate silently ignores fp16 on CPU)."""
     compile: bool = False
-    """torch.compile the encoder."""
+    """torch.compile the encoder (dynamic shapes: one graph for all sequence lengths). Off by
+    default: measured slower end to end on the 2-core CPU (README, `mtbert.bench --parts compile`)."""
     progress: bool = True
     """tqdm progress bar on the main process."""
     predict_test: bool = True

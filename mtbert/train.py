@@ -138,8 +138,10 @@ def setup(cfg: Config, accelerator, autocast, scaler) -> Run:
     optimizer = torch.optim.AdamW(param_groups(module, cfg), lr=cfg.train.lr, fused=True)
     sched_name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.train.lr_schedule]
     scheduler = get_scheduler(sched_name, optimizer, int(cfg.train.warmup * total), total)
-    if cfg.train.compile:
-        module.encoder = torch.compile(module.encoder)
+    if cfg.train.compile:  # dynamic shapes: one graph for every bucket length (mtbert.bench --parts compile)
+        module.encoder = torch.compile(module.encoder, dynamic=True)
+        reporter.print("train.compile: the encoder is compiled (torch.compile, dynamic shapes); the first steps "
+                       "include the compilation")
     configure_deepspeed(accelerator, cfg)  # no-op without DeepSpeed
     model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
     stepper = Stepper(accelerator, model, optimizer, scheduler, cfg, list(specs), coll, autocast, scaler)
