@@ -83,7 +83,7 @@ class Stepper:
         self.engine = make_engine(accelerator, model, optimizer, scheduler, self.params, cfg, self.per_task)
         self.tasks = list(tasks)
         # Per-task forwards: on the module itself (DDP must not see K backward passes), except
-        # under ZeRO-3, whose engine forward gathers the partitioned parameters.
+        # with sharded parameters (ZeRO-3, FSDP2), whose forward hooks gather them.
         self.task_model = self.model if self.engine.forward_through_wrapper else self.module
         if self.per_task:  # the engine knows where per-task gradients live (full rows or partitions)
             self.buffers = self.engine.make_buffers(self.module, tasks, collectives.world, cfg.method.gram_blocks)
