@@ -52,9 +52,12 @@ def group_runs(runs: list[RunSummary]) -> list[Group]:
         flat = {k: v for k, v in flatten(r.cfg).items() if k not in NOT_A_SETTING and k.split(".")[0] != "log"}
         key = (r.method, tuple(sorted((k, repr(v)) for k, v in flat.items())))
         groups.setdefault(key, Group(key)).runs.append(r)
-    varying = {k for k, _ in set().union(*(set(g.key[1]) for g in groups.values()))
-               if len({dict(g.key[1]).get(k) for g in groups.values()}) > 1}
-    shown = sorted(k for k in varying if not k.startswith(SHOWN_BY_TITLE))
+    # A setting is named where it tells apart groups of the same method (an lr sweep); settings
+    # that differ only between methods (their budgets: epochs, batch size) are the method's.
+    keys = {k for g in groups.values() for k, _ in g.key[1]}
+    shown = sorted(k for k in keys if not k.startswith(SHOWN_BY_TITLE) and any(
+        len({dict(g.key[1]).get(k) for g in groups.values() if g.key[0] == title}) > 1
+        for title in {g.key[0] for g in groups.values()}))
     for g in groups.values():
         vals = dict(g.key[1])
         extra = ", ".join(f"{k.split('.', 1)[-1]}={vals.get(k, '-')}" for k in shown)

@@ -19,7 +19,7 @@ def _write(path, header, ids, values, fmt):
     path.write_text(f"id \t {header} \n" + "".join(f"{i} , {fmt(v)} \n" for i, v in zip(ids, values)))
 
 
-def make_run(folder, method, seed, quality, noise, lr=1e-4, rng=None):
+def make_run(folder, method, seed, quality, noise, lr=1e-4, rng=None, epochs=1):
     rng = rng or np.random.default_rng(seed)
     world = np.random.default_rng(123)  # the dev set: the same for every run
     ids = [f"ex{i}" for i in range(N)]
@@ -34,7 +34,7 @@ def make_run(folder, method, seed, quality, noise, lr=1e-4, rng=None):
     _write(folder / "predictions" / "sts-dev-output.csv", "Predicted_Similiary", ids, sts_pred, lambda v: f"{v:.4f}")
     _write(folder / "predictions" / "sts-dev-gold.csv", "Gold_sts", ids, sts, lambda v: f"{v:.4f}")
     cfg = to_dict(parse_args([f"--method.name={method}", f"--train.seed={seed}", f"--train.lr={lr}",
-                              f"--train.out_dir={folder}"]))
+                              f"--train.out_dir={folder}", f"--train.epochs={epochs}"]))
     (folder / "config.json").write_text(json.dumps(cfg))
     dev = {"step": 10, "split": "dev", "overall": (acc + (r + 1) / 2) / 2, "sst/acc": acc, "sts/pearson": r}
     (folder / "metrics.jsonl").write_text(json.dumps(dev) + "\n")
@@ -44,9 +44,12 @@ def make_run(folder, method, seed, quality, noise, lr=1e-4, rng=None):
 def test_seed_groups_are_labelled_by_what_differs(tmp_path):
     runs = [load_run(make_run(tmp_path / f"trial_{i}", "sum", s, 0.5, 1.0, lr=lr))
             for i, (s, lr) in enumerate([(1, 1e-4), (2, 1e-4), (1, 3e-4), (2, 3e-4)])]
+    runs.append(load_run(make_run(tmp_path / "trial_9", "pcgrad", 1, 0.5, 1.0, epochs=3)))
     groups = group_runs(runs)
-    assert [len(g.runs) for g in groups] == [2, 2]
-    assert [g.label for g in groups] == ["sum (joint RR) (lr=0.0001)", "sum (joint RR) (lr=0.0003)"]
+    assert [len(g.runs) for g in groups] == [2, 2, 1]
+    # lr tells the sum groups apart; epochs differs only between methods (a budget): not named
+    assert [g.label for g in groups] == ["sum (joint RR) (lr=0.0001)", "sum (joint RR) (lr=0.0003)",
+                                         "PCGrad (RR-PCGrad) (lr=0.0001)"]
 
 
 def test_compare_marks_the_real_difference_only(tmp_path):
