@@ -156,6 +156,11 @@ def test_bench_quick_prints_ratios(tmp_path):
     from mtbert.bench import FAMILY
     assert {r["method"] for r in rows if r["part"] == "methods"} >= {"sum", "pcgrad", "gse", "smart", *FAMILY}
     assert "[methods]" in res.stdout and "vs_sum=" in res.stdout
+    # every ratio with its spread over >= 5 paired rounds; the machine's clock and the data in meta
+    for r in (r for r in rows if r["part"] == "methods"):
+        assert r["vs_sum_lo"] <= r["vs_sum"] <= r["vs_sum_hi"] and r["repeats"] >= 5
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["cpu_mhz_start"] and meta["data"].startswith("packaged sample")
 
 
 def _fake_bin(folder, name, body):
