@@ -75,8 +75,9 @@ PROVED_BLOCKS = ("pcgrad", "gradvac")  # method.gram_blocks=layer is in the matr
 def refuse_unproved_family(cfg, world: int, stage: int, precision: str) -> None:
     """The method family (MGDA ... FAMO) is proved equal to one process (tests/test_equivalence.py,
     FAMILY) with round-robin steps over every task, fp32, grad_accum 1/2, under DDP (both reducers),
-    ZeRO-2 and ZeRO-3 (the loss weightings: not on ZeRO-3, _refuse_unproved_zero3). Several processes with anything else are refused before any work; one process is
-    the reference and runs everything."""
+    ZeRO-2 and ZeRO-3 (the loss weightings: not on ZeRO-3, _refuse_unproved_zero3). Several
+    processes with anything else are refused before any work; one process is the reference and
+    runs everything."""
     t, m = cfg.train, cfg.method
     if world == 1:
         return

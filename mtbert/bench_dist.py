@@ -91,8 +91,8 @@ def bench_zero(quick: bool, out: Path, data_dir: str) -> list[dict]:
     for stage in (2, 3):
         part = out.with_suffix(f".zero{stage}.json")
         cmd = [str(accel) if accel.exists() else "accelerate", "launch", "--config_file",
-               str(root / "accelerate_configs" / f"zero{stage}.yaml"), "--num_processes", "2", "-m", "mtbert.bench_dist",
-               "zero", "--out", str(part)] + (["--quick"] if quick else []) + (
+               str(root / "accelerate_configs" / f"zero{stage}.yaml"), "--num_processes", "2",
+               "-m", "mtbert.bench_dist", "zero", "--out", str(part)] + (["--quick"] if quick else []) + (
                [f"--data-dir={data_dir}"] if data_dir else [])
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                              timeout=1800)

@@ -65,7 +65,8 @@ def table(runs: list[RunSummary], targets: dict[str, float]) -> str:
         hits, metrics = first_reached(r, targets), r.task_metrics()
         best = {t: max((d.get(f"{t}/{metrics[t]}", float("-inf")) for d in r.dev), default=None)
                 for t in tasks if t in metrics}
-        cells = ["/".join(r.path.parts[-2:]) if r.path else r.name, r.method] + [_cell(hits.get(t), best.get(t)) if t in metrics else "-" for t in tasks]
+        name = "/".join(r.path.parts[-2:]) if r.path else r.name  # seed_1 alone would not say which run
+        cells = [name, r.method] + [_cell(hits.get(t), best.get(t)) if t in metrics else "-" for t in tasks]
         cells.append(_cell(hits["all"], None))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
