@@ -67,7 +67,8 @@ def test_zero_gradient_task_gives_no_nan():
 
 
 def test_same_seed_same_order_different_seed_can_differ():
-    g = torch.randn(5, 200, dtype=torch.float64)
+    # a fixed draw: with unseeded gradients the outcome depended on the tests that ran before
+    g = torch.randn(5, 200, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     a = pcgrad(g, torch.Generator().manual_seed(11))
     b = pcgrad(g, torch.Generator().manual_seed(11))
     assert torch.equal(a, b)
