@@ -56,7 +56,7 @@ def make_accelerator(cfg):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))  # else DeepSpeed on CPU asks for NCCL/oneCCL
     accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="no" if own_fp16 else precision,
                       kwargs_handlers=handlers, log_with="wandb" if cfg.log.wandb else None,
-                      gradient_accumulation_steps=1,  # mtbert accumulates itself (engines.py)
+                      gradient_accumulation_steps=1,  # mtbert accumulates itself (engines/)
                       step_scheduler_with_optimizer=False)  # else it steps N times per step on N processes
     if zero_stage(accelerator) == 3:
         _refuse_unproved_zero3(cfg)

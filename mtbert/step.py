@@ -67,7 +67,7 @@ def seeded_generator(seed: int, step: int) -> torch.Generator:
 
 class Stepper:
     """The method: per-step losses, per-task gradients, reduction, weights; the engine
-    (engines.py) hands the result to the optimizer."""
+    (engines/) hands the result to the optimizer."""
 
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler, cfg: Config, tasks: list[str], collectives: Collectives | None = None,

@@ -9,7 +9,7 @@
   log / evaluate / checkpoint / stop on a signal.
 - ``finish``: final weights, replica check, the best checkpoint's predictions, summary.json.
 Everything distributed goes through Accelerate (``accelerator.prepare``), the engines
-(engines.py) and the collectives (collectives.py); the model code knows nothing of it.
+(engines/) and the collectives (collectives.py); the model code knows nothing of it.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ combined gradient, clips, steps, and reports the pre-clip norm and whether the s
   rescales a loss by its own accumulation count. A combined gradient is handed over through
   a surrogate backward of ``sum(p * g)`` (gradient g for every p), which ZeRO partitions,
   averages (identical on every rank), clips and steps like any gradient.
+- ``Zero3Engine`` (zero3.py) and ``Fsdp2Engine`` (fsdp2.py): sharded parameters; per-task
+  methods work on this rank's partition (shard) of each task's gradient, which the engine's own
+  reduce-scatter leaves after each backward: only the K x K Gram is all-reduced.
 
 Parameters that got no gradient in a step (an absent task's head, an ARRP-frozen encoder):
 ``idle="keep"`` leaves ``grad=None`` so AdamW skips them; ``idle="step"`` gives them a zero
