@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from mtbert.engines.torch_engine import TorchEngine
-from mtbert.optim.gradients import GramOnlyReducer, TaskRows, block_ranges
+from mtbert.optim.gradients import GramOnlyReducer, TaskRows, block_ranges, split_parameters
 
 
 def shard_model(module: torch.nn.Module, mesh) -> torch.nn.Module:
@@ -56,19 +56,15 @@ class ShardRows(TaskRows):
     (start, rows, blocks, set_update). Shared columns in module order: blocks are ranges."""
 
     def __init__(self, module: torch.nn.Module, tasks: list[str], gram_blocks: str = "whole"):
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        own = {t: set(module.task_parameter_names(t)) for t in tasks}
-        all_own = set().union(*own.values())
+        names, self.shared, self.private = split_parameters(module, tasks)
         self.tasks = list(tasks)
-        self.shared = [p for n, p in named if n not in all_own]
-        self.private = {t: [p for n, p in named if n in own[t]] for t in tasks}
         sizes = [_local(p).numel() for p in self.shared]
-        ref = _local(named[0][1])
+        ref = _local(next(p for p in module.parameters() if p.requires_grad))
         self.G = torch.zeros(len(tasks), sum(sizes), dtype=torch.float32, device=ref.device)  # [K, P_local]
         self.update = torch.zeros(sum(sizes), dtype=torch.float32, device=ref.device)
         self.priv_flat = {t: torch.zeros(sum(_local(p).numel() for p in ps), dtype=torch.float32, device=ref.device)
                           for t, ps in self.private.items()}
-        self.blocks = block_ranges([n for n, p in named if n not in all_own], sizes, sum(sizes), gram_blocks)
+        self.blocks = block_ranges(names, sizes, sum(sizes), gram_blocks)
 
     def start(self, present: list[str], attach: bool = False) -> None:
         for t in present:

@@ -36,7 +36,7 @@ import torch
 
 from mtbert.config import ConfigError
 from mtbert.engines.zero import DeepSpeedEngine
-from mtbert.optim.gradients import GramOnlyReducer, TaskRows, block_ranges
+from mtbert.optim.gradients import GramOnlyReducer, TaskRows, block_ranges, split_parameters
 
 
 def _positions(offsets: dict, params: list, device) -> torch.Tensor:
@@ -59,19 +59,16 @@ class PartitionRows(TaskRows):
             offsets[id(p)] = (offset, p.partition_numel())
             offset += p.partition_numel()
         _check_layout(grouped, offsets, offset, flat)
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        own = {t: set(module.task_parameter_names(t)) for t in tasks}
-        all_own = set().union(*own.values())
-        shared = [(n, p) for n, p in named if n not in all_own]
-        self.shared_idx = _positions(offsets, [p for _, p in shared], flat.device)  # [P_local]
-        self.private_idx = {t: _positions(offsets, [p for n, p in named if n in own[t]], flat.device) for t in tasks}
+        names, shared, private = split_parameters(module, tasks)
+        self.shared_idx = _positions(offsets, shared, flat.device)  # [P_local]
+        self.private_idx = {t: _positions(offsets, private[t], flat.device) for t in tasks}
         P = self.shared_idx.numel()
         # fp32 rows whatever the gradient dtype (bf16 partitions would round the Gram).
         self.G = torch.zeros(len(tasks), P, dtype=torch.float32, device=flat.device)  # [K, P_local]
         self.update = torch.zeros(P, dtype=torch.float32, device=flat.device)
         self.priv_flat = {t: torch.zeros(idx.numel(), dtype=torch.float32, device=flat.device)
                           for t, idx in self.private_idx.items()}
-        self.blocks = block_ranges([n for n, _ in shared], [offsets[id(p)][1] for _, p in shared], P, gram_blocks)
+        self.blocks = block_ranges(names, [offsets[id(p)][1] for p in shared], P, gram_blocks)
 
     @property
     def flat(self) -> torch.Tensor:

@@ -93,6 +93,16 @@ def _views(flat: torch.Tensor, params: list) -> list[torch.Tensor]:
     return out
 
 
+def split_parameters(model: torch.nn.Module, tasks: list[str]) -> tuple[list[str], list, dict[str, list]]:
+    """Trainable parameters -> (shared names, shared parameters, task -> its own parameters), in
+    the module's order (so parameter blocks are column ranges of the shared rows)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    own = {t: set(model.task_parameter_names(t)) for t in tasks}
+    all_own = set().union(*own.values())
+    shared = [(n, p) for n, p in named if n not in all_own]
+    return [n for n, _ in shared], [p for _, p in shared], {t: [p for n, p in named if n in own[t]] for t in tasks}
+
+
 class TaskRows:
     """What every per-task gradient store has (full rows here; partitions or shards in the
     sharded engines): ``tasks``, rows ``G`` [K, n] and the combined ``update`` [n]."""
@@ -118,13 +128,9 @@ class GradientBuffers(TaskRows):
     """Flat per-task gradient storage for one model and a fixed task list."""
 
     def __init__(self, model: torch.nn.Module, tasks: list[str], world: int = 1, gram_blocks: str = "whole"):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        own = {t: set(model.task_parameter_names(t)) for t in tasks}
-        all_own = set().union(*own.values())
+        shared_names, self.shared, self.private = split_parameters(model, tasks)
         self.tasks = list(tasks)
-        self.shared = [p for n, p in named if n not in all_own]
-        self.private = {t: [p for n, p in named if n in own[t]] for t in tasks}
-        ref = named[0][1]
+        ref = next(p for p in model.parameters() if p.requires_grad)
         # Rows, Gram input and update stay fp32 whatever the parameter dtype (DeepSpeed bf16
         # casts the parameters): a bf16 row would round every per-task gradient and the Gram.
         dtype = torch.float32 if ref.dtype in (torch.bfloat16, torch.float16) else ref.dtype
@@ -133,7 +139,6 @@ class GradientBuffers(TaskRows):
         P_pad = -(-self.P // world) * world  # divisible by the world size for reduce-scatter
         self.G = torch.zeros(len(tasks), P_pad, dtype=dtype, device=ref.device)  # [K, P_pad]
         self.update = torch.zeros(P_pad, dtype=dtype, device=ref.device)  # [P_pad]
-        shared_names = [n for n, _ in named if n not in all_own]
         self.blocks = block_ranges(shared_names, [p.numel() for p in self.shared], P_pad, gram_blocks)
         self.row_views = [_views(self.G[k], self.shared) for k in range(len(tasks))]
         self.update_views = _views(self.update, self.shared)
