@@ -6,8 +6,8 @@ Slurm as a job array or run the trials here one by one.
     python launch/sweep.py SPEC --submit -- --partition=gpu --gres=gpu:1 --time=02:00:00   # after --: sbatch options
 
 Spec keys: name, base (list of overrides for every trial), grid (key -> list of values; all
-combinations), random (n, params: key -> list of choices | {uniform: [a, b]} | {log_uniform: [a, b]}),
-seed. Trial i writes to runs/<name>/trial_<i> and is grouped as <name> in W&B.
+combinations), trials (a list of key -> value maps, one trial each: hand-picked combinations),
+random (n, params: key -> list of choices | {uniform: [a, b]} | {log_uniform: [a, b]}), seed. Trial i writes to runs/<name>/trial_<i> and is grouped as <name> in W&B.
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ def expand(spec: dict, root: Path = Path("runs")) -> list[str]:
     name = spec.get("name") or "sweep"
     grid = spec.get("grid") or {}
     trials = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else []
+    listed = spec.get("trials") or []
+    if not isinstance(listed, list) or not all(isinstance(t, dict) for t in listed):
+        raise ValueError("trials: a list of maps (key: value), one per trial")
+    trials += [dict(t) for t in listed]
     rnd = spec.get("random") or {}
     rng = random.Random(spec.get("seed", 0))
     for _ in range(int(rnd.get("n", 0))):

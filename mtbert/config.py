@@ -139,6 +139,9 @@ class TrainCfg:
     """Peak learning rate of the encoder (MiniLM-size models like 1e-4; bert-base 2e-5 to 5e-5)."""
     head_lr: float = 0.0
     """Learning rate of heads and per-task layers (0 = same as lr)."""
+    layer_lr_decay: float = 1.0
+    """Layer-wise lr decay d in (0, 1]: encoder layer l of L gets lr * d^(L + 1 - l), the embeddings
+    lr * d^(L + 1), per-task top layers their depth's rate, heads head_lr (1 = one rate for all)."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and LayerNorm weights)."""
     warmup: float = 0.1
@@ -457,6 +460,8 @@ def _check_numbers(cfg: Config) -> None:
             raise ConfigError(f"{path}: must be >= 0, got {v}")
     if t.lr == 0:
         raise ConfigError("train.lr: must be > 0")
+    if not 0 < t.layer_lr_decay <= 1:
+        raise ConfigError(f"train.layer_lr_decay: must be in (0, 1], got {t.layer_lr_decay}")
     for path, v in {"train.temperature": t.temperature, "method.smart_step": m.smart_step,
                     "method.smart_noise": m.smart_noise}.items():
         if v <= 0:

@@ -52,8 +52,25 @@ EXIT_NUMERICS = 3  # too many non-finite steps in a row
 EXIT_IO = 74  # EX_IOERR: a checkpoint could not be written (the previous one is intact)
 
 
+def layer_depth(name: str, shared_layers: int) -> int | None:
+    """Depth of an encoder parameter for layer-wise lr decay: embeddings 0, encoder layer i -> i + 1,
+    per-task copy j of the top layers -> shared_layers + j + 1; None for heads (always the top)."""
+    parts = name.split(".")
+    if parts[:2] == ["encoder", "emb"]:
+        return 0
+    if parts[:2] == ["encoder", "layers"]:
+        return int(parts[2]) + 1
+    if parts[0] == "task_layers":
+        return shared_layers + int(parts[2]) + 1
+    return None
+
+
 def param_groups(model, cfg):
-    """AdamW groups: no decay for biases and LayerNorm weights; head_lr for task-specific parameters."""
+    """AdamW groups: no decay for biases and LayerNorm weights; head_lr for task-specific parameters;
+    with train.layer_lr_decay = d < 1, encoder depth l of L layers gets lr * d^(L + 1 - l)
+    (Howard & Ruder 2018; Sun et al. 2019: lower layers hold general features, move them less)."""
+    shared = len(model.encoder.layers)
+    total = shared + (len(next(iter(model.task_layers.values()))) if model.task_layers is not None else 0)
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -63,8 +80,11 @@ def param_groups(model, cfg):
             continue
         own = name.startswith(("heads.", "task_layers."))
         decay = p.ndim > 1
-        key = (own, decay)
-        lr = (cfg.train.head_lr or cfg.train.lr) if own else cfg.train.lr
+        depth = layer_depth(name, shared)
+        lr = (cfg.train.head_lr or cfg.train.lr) if own and depth is None else cfg.train.lr
+        if depth is not None and cfg.train.layer_lr_decay != 1.0:
+            lr *= cfg.train.layer_lr_decay ** (total + 1 - depth)
+        key = (own, decay, depth)
         groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": cfg.train.weight_decay if decay else 0.0})
         groups[key]["params"].append(p)
     return list(groups.values())

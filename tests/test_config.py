@@ -52,6 +52,8 @@ def test_a_config_file_is_read_and_overridden(tmp_path):
     (["--method.name=famo", "--method.famo_lr=0"], "method.famo_lr"),
     (["--method.name=uw", "--method.uw_lr=-1"], "method.uw_lr"),
     (["--method.name=mtl"], "method.name"),
+    (["--train.layer_lr_decay=0"], "train.layer_lr_decay"),
+    (["--train.layer_lr_decay=1.5"], "train.layer_lr_decay"),
 ])
 def test_errors_name_the_field(args, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -89,3 +91,29 @@ def test_the_method_family_refuses_bf16_and_zero1_on_several_processes_and_allow
                  ["--method.name=pcgrad", "--train.schedule=union", "--method.smart=true"]):
         for stage in (-1, 2):
             refuse_unproved_family(parse_args(args), 3, stage, "no")  # in the matrix: allowed
+
+
+@pytest.mark.parametrize("sharing", ["", "F0-S1-I1"])
+def test_layer_lr_decay_gives_each_depth_its_rate(tiny_ckpt, sharing):
+    """Tiny checkpoint, L = 2 layers, d = 0.5: embeddings lr/8, layer 0 (or its per-task copy's
+    depth) lr/4, layer 1 lr/2, heads head_lr; every parameter in exactly one group."""
+    from mtbert.config import HeadCfg
+    from mtbert.model.bert import from_pretrained
+    from mtbert.model.heads import MultitaskModel
+    from mtbert.data.tasks import build_specs
+    from mtbert.train import param_groups
+    args = [f"--model.checkpoint={tiny_ckpt}", "--train.lr=1e-3", "--train.head_lr=5e-3", "--train.layer_lr_decay=0.5"]
+    cfg = parse_args(args + ([f"--model.sharing={sharing}"] if sharing else []))
+    encoder, _ = from_pretrained(cfg.model.checkpoint, -1)
+    specs = build_specs(cfg)
+    model = MultitaskModel(encoder, specs, {t: HeadCfg() for t in specs}, cfg.model.sharing)
+    rate = {id(p): g["lr"] for g in param_groups(model, cfg) for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(rate) == len(named)
+    want = {"encoder.emb.word.weight": 1e-3 / 8, "heads.sst.net.weight": 5e-3}
+    if sharing:
+        want |= {"encoder.layers.0.qkv.weight": 1e-3 / 4, "task_layers.sts.0.qkv.weight": 1e-3 / 2}
+    else:
+        want |= {"encoder.layers.0.qkv.weight": 1e-3 / 4, "encoder.layers.1.qkv.bias": 1e-3 / 2}
+    for name, lr in want.items():
+        assert rate[id(named[name])] == pytest.approx(lr), name

@@ -30,8 +30,12 @@ COMMON = [*NO_DROPOUT, "--train.epoch_steps=3", "--data.max_eval=8", "--train.gr
           "--train.log_every=1", "--method.conflict_stats=false", "--heads.sts.kind=bi"]
 # Settings outside the design's factors, each proved once: train.idle_params=step off DeepSpeed
 # (a probabilistic schedule leaves undrawn heads without a gradient; they get zeros on every rank).
+# Per-group learning rates (layer-wise decay, a head rate) through DeepSpeed's optimizer wrapper:
+# each group keeps its own rate and schedule there as in torch.
 EXTRA = [{"method": "pcgrad", "schedule": "proportional", "grad_accum": 2, "reducer": "allreduce", "engine": "ddp",
-          "precision": "no", "ranks": 2, "idle": "step"}]
+          "precision": "no", "ranks": 2, "idle": "step"},
+         {"method": "pcgrad", "schedule": "round_robin", "grad_accum": 1, "reducer": "allreduce", "engine": "zero2",
+          "precision": "no", "ranks": 2, "args": ("--train.layer_lr_decay=0.5", "--train.head_lr=3e-3")}]
 CASES = covering_design()
 FAMILY = family_cases()  # the multi-task gradient and loss-weighting methods (issue: method family)
 # fp32: reduction order only. bf16: the batch shape changes which rows share a GEMM tile, and
@@ -54,12 +58,12 @@ def case_args(case: dict) -> list[str]:
         args.append("--train.epochs=2")  # alpha changes with the epoch
     if "idle" in case:
         args.append(f"--train.idle_params={case['idle']}")
-    return args
+    return [*args, *case.get("args", ())]
 
 
 def reference_key(case: dict) -> tuple:
     deepspeed = case["engine"] != "ddp"
-    return (case["method"], case["schedule"], case["grad_accum"], case["precision"],
+    return (case["method"], case["schedule"], case["grad_accum"], case["precision"], *case.get("args", ()),
             case["engine"] if deepspeed and case["precision"] == "bf16"
             else case.get("idle", "step" if deepspeed else "keep"))
 
@@ -114,7 +118,8 @@ def test_the_design_covers_every_pair_of_levels():
     assert len(CASES) <= 40, "keep the matrix inside CI's budget"
 
 
-@pytest.mark.parametrize("case", CASES + EXTRA + FAMILY, ids=lambda c: case_id(c) + (f"-idle_{c['idle']}" if "idle" in c else ""))
+@pytest.mark.parametrize("case", CASES + EXTRA + FAMILY, ids=lambda c: case_id(c) + (f"-idle_{c['idle']}" if "idle" in c else "")
+                         + "".join(f"-{a.split('.', 1)[-1]}" for a in c.get("args", ())))
 def test_n_ranks_equal_one_process_on_the_global_batch(tiny_ckpt, tmp_path, references, case):
     ranks, label = case["ranks"], case_id(case)
     ref = references(case)

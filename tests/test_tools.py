@@ -28,6 +28,21 @@ def test_sweep_grid_and_random_expansion(tmp_path):
         parse_args(shlex.split(line))
 
 
+def test_sweep_listed_trials_and_the_committed_specs_expand_to_valid_configs(tmp_path):
+    sys.path.insert(0, str(ROOT / "launch"))
+    import shlex
+    from sweep import expand, load_spec
+    from mtbert.config import parse_args
+    lines = expand({"name": "s", "grid": {"train.lr": [1e-5]}, "trials": [{"train.layer_lr_decay": 0.9}, {}]}, tmp_path)
+    assert len(lines) == 3 and "--train.layer_lr_decay=0.9" in lines[1] and "layer_lr_decay" not in lines[2]
+    with pytest.raises(ValueError, match="trials"):
+        expand({"trials": {"train.lr": 1e-5}}, tmp_path)
+    for spec in sorted((ROOT / "launch" / "sweeps").glob("*.yaml")):
+        for line in expand(load_spec(spec), tmp_path):
+            cfg = parse_args(shlex.split(line))
+            assert cfg.train.out_dir.startswith(str(tmp_path)), (spec, line)  # a preset must not move the trial
+
+
 @pytest.fixture(scope="module")
 def two_runs(tiny_ckpt, tmp_path_factory):
     root = tmp_path_factory.mktemp("cmp")
