@@ -100,8 +100,9 @@ def main(argv=None) -> int:
     elif args.local:
         failed = 0
         for i, line in enumerate(lines):
-            launcher = ["accelerate", "launch"] + (["--config_file", args.accel_config] if args.accel_config else
-                                                   ["--num_processes", "1"])
+            # this interpreter's accelerate (a bare `accelerate` needs the venv on PATH)
+            launcher = [sys.executable, "-m", "accelerate.commands.launch"] + (
+                ["--config_file", args.accel_config] if args.accel_config else ["--num_processes", "1"])
             print(f"[trial {i}] {line}", flush=True)
             failed += subprocess.run([*launcher, "mtbert/train.py", *shlex.split(line)]).returncode != 0
         print(f"{len(lines) - failed}/{len(lines)} trials finished; compare: python -m mtbert.compare {out}/trial_*")

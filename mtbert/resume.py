@@ -40,13 +40,23 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def default_settings() -> dict:
+    """Every field's default, flat. A field added after a run was written is missing from its saved
+    settings; the run trained with the default (a new field's default keeps the old behaviour)."""
+    import json
+    from mtbert.config import Config, to_dict
+    flat = _flatten(json.loads(json.dumps(to_dict(Config()))))  # as stored: lists, not tuples
+    return {k: v for k, v in flat.items() if k not in FREE_TO_CHANGE}
+
+
 def run_settings(cfg_dict: dict, processes: int, engine: str) -> dict:
-    """The settings a checkpoint records (flat ``section.field`` keys)."""
+    """The settings a checkpoint records (flat ``section.field`` keys), defaults for fields it lacks."""
     flat = {k: v for k, v in _flatten(cfg_dict).items() if k not in FREE_TO_CHANGE}
-    return {**flat, "processes": processes, "engine": engine}
+    return {**default_settings(), **flat, "processes": processes, "engine": engine}
 
 
 def check_compatible(saved: dict, now: dict, where: Path) -> None:
+    saved = {**default_settings(), **saved}  # written before a field existed: it had the default
     diffs = [f"{k}: {saved.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
              for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if diffs:

@@ -47,9 +47,14 @@ class Group:
 def group_runs(runs: list[RunSummary]) -> list[Group]:
     """Runs -> groups (in first-seen order), labelled by the method title and the settings that
     vary between groups (``train.lr=0.0001``), never ``trial_3``."""
+    from mtbert.config import Config, to_dict
+    # A field added after a run was made is missing from its config.json; the run trained with the
+    # field's default (a new field's default keeps the old behaviour), so it counts as that value.
+    defaults = flatten(to_dict(Config()))
     groups: dict[tuple, Group] = {}
     for r in runs:
-        flat = {k: v for k, v in flatten(r.cfg).items() if k not in NOT_A_SETTING and k.split(".")[0] != "log"}
+        flat = {k: v for k, v in {**defaults, **flatten(r.cfg)}.items()
+                if k not in NOT_A_SETTING and k.split(".")[0] != "log"}
         key = (r.method, tuple(sorted((k, repr(v)) for k, v in flat.items())))
         groups.setdefault(key, Group(key)).runs.append(r)
     # A setting is named where it tells apart groups of the same method (an lr sweep); settings
@@ -116,7 +121,7 @@ def compare_to(groups: list[Group], reference: Group, tasks: list[tuple[str, str
                 if not a or not b:
                     continue
                 res[key] = stats.seed_test(np.array(a), np.array(b))
-            if res[key] is not None:
+            if res[key] is not None and not np.isnan(res[key]["p"]):  # (one seed: untested, not corrected for)
                 results[(g.label, key)] = res[key]
     for (k, r), q in zip(results.items(), stats.adjust([r["p"] for r in results.values()])):
         r["q"] = q
@@ -189,7 +194,7 @@ def report(runs: list[RunSummary], out: Path, reference: str = "", rounds: int =
     text = stats_table(groups, ref, results, tasks) + (
         f"\n\nmean ± 95% t-interval over seeds (n runs); **+/−**: differs from {ref.label!r} at 5% after "
         "Benjamini-Hochberg over every comparison of the table (seeds: Welch's t; examples: paired bootstrap "
-        "of the dev predictions; both must agree — mtbert/stats.py)")
+        "of the dev predictions; both must agree — mtbert/stats.py); a group of one seed is not tested")
     (out / "stats.md").write_text(text + "\n")
     plot_groups(groups, tasks, out)
     return text

@@ -102,6 +102,27 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_ckpt, tmp_path, 
     assert result.returncode != 0 and "config error: train.resume:" in out and "processes: 1 -> 2" in out, out[-3000:]
 
 
+def test_a_checkpoint_from_before_a_new_field_resumes_with_its_default(tiny_ckpt, tmp_path, capsys):
+    """A checkpoint written before train.layer_lr_decay existed lacks it in its settings: it trained
+    with the default, so a resume with the default continues and one with another value is refused."""
+    import json
+    from mtbert.checkpoint import write_manifest
+    run = tmp_path / "run"
+    args = tiny_args(tiny_ckpt, run, "--train.epoch_steps=4", "--train.checkpoint_every=2")
+    assert run_main(args) == 0
+    states = sorted(run.glob("checkpoints/*/trainer_state.json"))
+    assert states
+    for path in states:  # as an older mtbert wrote them
+        state = json.loads(path.read_text())
+        assert state["settings"].pop("train.layer_lr_decay") == 1.0
+        path.write_text(json.dumps(state))
+        write_manifest(path.parent)
+    capsys.readouterr()
+    assert run_main([*args, "--train.layer_lr_decay=0.5"]) == 2
+    assert "train.layer_lr_decay: 1.0 -> 0.5" in capsys.readouterr().err
+    assert run_main(args) == 0, capsys.readouterr().err
+
+
 def test_a_fresh_start_moves_the_old_run_aside(tiny_ckpt, tmp_path, capsys):
     run = tmp_path / "run"
     args = tiny_args(tiny_ckpt, run, "--train.epoch_steps=4", "--train.checkpoint_every=2")

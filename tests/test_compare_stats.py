@@ -52,10 +52,22 @@ def test_seed_groups_are_labelled_by_what_differs(tmp_path):
                                          "PCGrad (RR-PCGrad) (lr=0.0001)"]
 
 
+def test_a_run_from_before_a_new_field_groups_with_its_default(tmp_path):
+    """config.json of a run made before train.layer_lr_decay existed lacks the field: it trained with
+    the default, so it joins the seeds that have layer_lr_decay=1.0 and no label names the field."""
+    old = make_run(tmp_path / "old", "sum", 1, 0.5, 1.0)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["train"]["layer_lr_decay"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    groups = group_runs([load_run(old), load_run(make_run(tmp_path / "new", "sum", 2, 0.5, 1.0))])
+    assert [(len(g.runs), g.label) for g in groups] == [(2, "sum (joint RR)")]
+
+
 def test_compare_marks_the_real_difference_only(tmp_path):
     dirs = []
     for method, quality, noise in (("sum", 0.5, 1.0), ("pcgrad", 0.7, 1.0), ("mgda", 0.5, 1.0)):
         dirs += [make_run(tmp_path / f"{method}_{s}", method, s, quality, noise) for s in (1, 2, 3)]
+    dirs.append(make_run(tmp_path / "gse_1", "gse", 1, 0.7, 1.0))  # as good as PCGrad, but one seed: untested
     out = tmp_path / "cmp"
     res = subprocess.run([sys.executable, "-m", "mtbert.compare", *map(str, dirs), "--out", str(out),
                           "--rounds", "500"], cwd=ROOT, capture_output=True, text=True)
@@ -68,6 +80,7 @@ def test_compare_marks_the_real_difference_only(tmp_path):
     sst_col = 2  # group | n | sst acc | sts pearson | overall
     assert "**+**" in pc.split(" | ")[sst_col], pc
     assert "**" not in mg, mg
+    assert rows["GSE"].split(" | ")[1] == "1" and "**" not in rows["GSE"], rows["GSE"]
     assert (out / "group_scores.png").stat().st_size > 0
 
 

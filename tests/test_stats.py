@@ -68,7 +68,8 @@ def test_overall_and_pearson_and_one_seed():
     assert all(res[k]["diff"] > 0 and res[k]["p"] < 0.05 for k in res), res
     one = compare_groups({"sst": _acc_group(rng, gold, diff, 0.6, seeds=1)},
                          {"sst": _acc_group(rng, gold, diff, 0.5, seeds=1)}, rounds=400)
-    assert np.isnan(one["sst"]["p_seeds"]) and one["sst"]["p"] == one["sst"]["p_examples"]
+    # one seed: the examples alone would speak (FPR 0.17 above), so there is no p and no mark
+    assert np.isnan(one["sst"]["p_seeds"]) and np.isnan(one["sst"]["p"]) and one["sst"]["p_examples"] < 0.05
 
 
 def test_confidence_interval_and_correction():

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,24 @@ def test_sweep_listed_trials_and_the_committed_specs_expand_to_valid_configs(tmp
         for line in expand(load_spec(spec), tmp_path):
             cfg = parse_args(shlex.split(line))
             assert cfg.train.out_dir.startswith(str(tmp_path)), (spec, line)  # a preset must not move the trial
+
+
+def test_sweep_local_runs_each_trial_without_the_venv_on_path(tiny_ckpt, tmp_path):
+    """`.venv/bin/python launch/sweep.py SPEC --local` from a shell where the venv is not activated:
+    the trials start with this interpreter's accelerate (a bare `accelerate` was not found)."""
+    import yaml
+    spec = tmp_path / "s.yaml"
+    base = [a for a in tiny_args(tiny_ckpt, tmp_path / "unused") if not a.startswith("--train.out_dir")]
+    spec.write_text(yaml.safe_dump({"name": "s", "base": [*base, "--train.epoch_steps=1", "--train.predict_test=false"],
+                                    "trials": [{"train.lr": 1e-3}, {"train.lr": 2e-3}]}))
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin)}
+    res = subprocess.run([sys.executable, "launch/sweep.py", str(spec), "--root", str(tmp_path / "runs"), "--local"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "2/2 trials finished" in res.stdout
+    for i, lr in enumerate((1e-3, 2e-3)):
+        assert json.loads((tmp_path / "runs" / "s" / f"trial_{i}" / "config.json").read_text())["train"]["lr"] == lr
 
 
 @pytest.fixture(scope="module")
