@@ -2,7 +2,7 @@
 Slurm as a job array or run the trials here one by one.
 
     python launch/sweep.py launch/sweeps/example.yaml                  # just write runs/<name>/sweep.txt
-    python launch/sweep.py SPEC --local [--accel-config accelerate_configs/cpu_2proc.yaml]
+    python launch/sweep.py SPEC --local [--accel-config accelerate_configs/cpu_2proc.yaml] [--trials 2]
     python launch/sweep.py SPEC --submit -- --partition=gpu --gres=gpu:1 --time=02:00:00   # after --: sbatch options
 
 Spec keys: name, base (list of overrides for every trial), grid (key -> list of values; all
@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     mode.add_argument("--local", action="store_true", help="run the trials here, one after another")
     mode.add_argument("--submit", action="store_true", help="sbatch slurm/sweep.sbatch as a job array")
     ap.add_argument("--accel-config", default="", help="accelerate config for --local / the array tasks")
+    ap.add_argument("--trials", default="",
+                    help="only these trial numbers (e.g. 2 or 0,3); the sweep file still lists every trial")
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # after --: sbatch options
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -85,6 +87,13 @@ def main(argv=None) -> int:
     except Exception as e:  # missing file, YAML/TOML syntax, a bad random choice: say which, exit 2
         print(f"sweep: {args.spec}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    try:
+        chosen = {int(i) for i in args.trials.split(",") if i.strip()}
+    except ValueError:
+        chosen = {-1}
+    if not chosen <= set(range(len(lines))):
+        print(f"sweep: --trials {args.trials}: the sweep has trials 0-{len(lines) - 1}", file=sys.stderr)
+        return 2
     out = args.root / (spec.get("name") or "sweep")
     out.mkdir(parents=True, exist_ok=True)
     sweep_file = out / "sweep.txt"
@@ -93,19 +102,23 @@ def main(argv=None) -> int:
     if args.submit:
         # The sweep file (and accelerate config) are arguments of the script, not --export
         # variables: a user's own --export=... after -- replaces sbatch's, and would drop them.
-        cmd = ["sbatch", "--parsable", f"--array=0-{len(lines) - 1}", *args.sbatch_args, "slurm/sweep.sbatch",
+        array = ",".join(map(str, sorted(chosen))) if chosen else f"0-{len(lines) - 1}"
+        cmd = ["sbatch", "--parsable", f"--array={array}", *args.sbatch_args, "slurm/sweep.sbatch",
                str(sweep_file.resolve()), *([args.accel_config] if args.accel_config else [])]
         job = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
         print(f"submitted array job {job}")
     elif args.local:
         failed = 0
         for i, line in enumerate(lines):
+            if chosen and i not in chosen:
+                continue
             # this interpreter's accelerate (a bare `accelerate` needs the venv on PATH)
             launcher = [sys.executable, "-m", "accelerate.commands.launch"] + (
                 ["--config_file", args.accel_config] if args.accel_config else ["--num_processes", "1"])
             print(f"[trial {i}] {line}", flush=True)
             failed += subprocess.run([*launcher, "mtbert/train.py", *shlex.split(line)]).returncode != 0
-        print(f"{len(lines) - failed}/{len(lines)} trials finished; compare: python -m mtbert.compare {out}/trial_*")
+        ran = len(chosen or lines)
+        print(f"{ran - failed}/{ran} trials finished; compare: python -m mtbert.compare {out}/trial_*")
         return 1 if failed else 0
     return 0
 

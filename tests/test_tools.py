@@ -3,6 +3,7 @@ user-defined tasks (CS224N files and a Hugging Face dataset), the benchmark comm
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,15 @@ def test_sweep_local_runs_each_trial_without_the_venv_on_path(tiny_ckpt, tmp_pat
     assert "2/2 trials finished" in res.stdout
     for i, lr in enumerate((1e-3, 2e-3)):
         assert json.loads((tmp_path / "runs" / "s" / f"trial_{i}" / "config.json").read_text())["train"]["lr"] == lr
+    # --trials: only the named ones; a trial that does not exist is refused before any run
+    shutil.rmtree(tmp_path / "runs" / "s" / "trial_0")
+    res = subprocess.run([sys.executable, "launch/sweep.py", str(spec), "--root", str(tmp_path / "runs"), "--local",
+                          "--trials", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "1/1 trials finished" in res.stdout and "[trial 1]" not in res.stdout, res.stdout
+    for bad in ("2", "x"):
+        res = subprocess.run([sys.executable, "launch/sweep.py", str(spec), "--root", str(tmp_path / "runs"),
+                              "--local", "--trials", bad], cwd=ROOT, capture_output=True, text=True)
+        assert res.returncode == 2 and "--trials" in res.stderr and "the sweep has trials 0-1" in res.stderr
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +252,10 @@ def test_sweep_submit_passes_the_sweep_file_as_an_argument(tmp_path):
     assert argv[script + 1:] == [str((tmp_path / "runs" / "s" / "sweep.txt").resolve()),
                                  "accelerate_configs/cpu_1proc.yaml"]
     assert "--export=ALL,NPROC=1" in argv[:script] and not any("SWEEP_FILE" in a for a in argv[:script])
+    assert "--array=0-1" in argv[:script]
+    res = subprocess.run([sys.executable, "launch/sweep.py", str(spec), "--root", str(tmp_path / "runs"), "--submit",
+                          "--trials", "1"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and "--array=1" in record.read_text().splitlines(), res.stderr
 
 
 def test_wandb_is_refused_before_any_work_without_a_login(tmp_path, monkeypatch):
