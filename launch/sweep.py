@@ -7,7 +7,8 @@ Slurm as a job array or run the trials here one by one.
 
 Spec keys: name, base (list of overrides for every trial), grid (key -> list of values; all
 combinations), trials (a list of key -> value maps, one trial each: hand-picked combinations),
-random (n, params: key -> list of choices | {uniform: [a, b]} | {log_uniform: [a, b]}), seed. Trial i writes to runs/<name>/trial_<i> and is grouped as <name> in W&B.
+random (n, params: key -> list of choices | {uniform: [a, b]} | {log_uniform: [a, b]}), seed.
+Trial i writes to runs/<name>/trial_<i> and is grouped as <name> in W&B.
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ class TrainCfg:
     """Learning rate of heads and per-task layers (0 = same as lr)."""
     layer_lr_decay: float = 1.0
     """Layer-wise lr decay d in (0, 1]: encoder layer l of L gets lr * d^(L + 1 - l), the embeddings
-    lr * d^(L + 1), per-task top layers their depth's rate, heads head_lr (1 = one rate for all)."""
+    lr * d^(L + 1), a per-task top layer head_lr (or lr) * d^(L + 1 - l), heads head_lr (1: no decay)."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and LayerNorm weights)."""
     warmup: float = 0.1

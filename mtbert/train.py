@@ -66,9 +66,9 @@ def layer_depth(name: str, shared_layers: int) -> int | None:
 
 
 def param_groups(model, cfg):
-    """AdamW groups: no decay for biases and LayerNorm weights; head_lr for task-specific parameters;
-    with train.layer_lr_decay = d < 1, encoder depth l of L layers gets lr * d^(L + 1 - l)
-    (Howard & Ruder 2018; Sun et al. 2019: lower layers hold general features, move them less)."""
+    """AdamW groups: no decay for biases and LayerNorm weights; head_lr for task-specific parameters
+    (heads, per-task layers); with train.layer_lr_decay = d < 1, a layer at depth l of L is scaled by
+    d^(L + 1 - l) (Howard & Ruder 2018; Sun et al. 2019: lower layers hold general features, move them less)."""
     shared = len(model.encoder.layers)
     total = shared + (len(next(iter(model.task_layers.values()))) if model.task_layers is not None else 0)
     groups = {}
@@ -80,9 +80,9 @@ def param_groups(model, cfg):
             continue
         own = name.startswith(("heads.", "task_layers."))
         decay = p.ndim > 1
-        depth = layer_depth(name, shared)
-        lr = (cfg.train.head_lr or cfg.train.lr) if own and depth is None else cfg.train.lr
-        if depth is not None and cfg.train.layer_lr_decay != 1.0:
+        lr = (cfg.train.head_lr or cfg.train.lr) if own else cfg.train.lr
+        depth = layer_depth(name, shared) if cfg.train.layer_lr_decay != 1.0 else None
+        if depth is not None:
             lr *= cfg.train.layer_lr_decay ** (total + 1 - depth)
         key = (own, decay, depth)
         groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": cfg.train.weight_decay if decay else 0.0})

@@ -95,8 +95,9 @@ def test_the_method_family_refuses_bf16_and_zero1_on_several_processes_and_allow
 
 @pytest.mark.parametrize("sharing", ["", "F0-S1-I1"])
 def test_layer_lr_decay_gives_each_depth_its_rate(tiny_ckpt, sharing):
-    """Tiny checkpoint, L = 2 layers, d = 0.5: embeddings lr/8, layer 0 (or its per-task copy's
-    depth) lr/4, layer 1 lr/2, heads head_lr; every parameter in exactly one group."""
+    """Tiny checkpoint, L = 2 layers, d = 0.5: embeddings lr/8, layer 0 lr/4, layer 1 lr/2 (as a
+    per-task layer head_lr/2), heads head_lr; every parameter in exactly one group; d = 1: the groups
+    and rates of before (per-task layers at head_lr)."""
     from mtbert.config import HeadCfg
     from mtbert.model.bert import from_pretrained
     from mtbert.model.heads import MultitaskModel
@@ -112,8 +113,15 @@ def test_layer_lr_decay_gives_each_depth_its_rate(tiny_ckpt, sharing):
     assert len(rate) == len(named)
     want = {"encoder.emb.word.weight": 1e-3 / 8, "heads.sst.net.weight": 5e-3}
     if sharing:
-        want |= {"encoder.layers.0.qkv.weight": 1e-3 / 4, "task_layers.sts.0.qkv.weight": 1e-3 / 2}
+        want |= {"encoder.layers.0.qkv.weight": 1e-3 / 4, "task_layers.sts.0.qkv.weight": 5e-3 / 2}
     else:
         want |= {"encoder.layers.0.qkv.weight": 1e-3 / 4, "encoder.layers.1.qkv.bias": 1e-3 / 2}
     for name, lr in want.items():
         assert rate[id(named[name])] == pytest.approx(lr), name
+    flat = param_groups(model, parse_args([a for a in args if "layer_lr_decay" not in a] +
+                                          ([f"--model.sharing={sharing}"] if sharing else [])))
+    assert len(flat) == 4  # (own, weight decay) as before the field existed
+    rate = {id(p): g["lr"] for g in flat for p in g["params"]}
+    assert rate[id(named["encoder.emb.word.weight"])] == 1e-3 and rate[id(named["heads.sst.net.weight"])] == 5e-3
+    if sharing:
+        assert rate[id(named["task_layers.sts.0.qkv.weight"])] == 5e-3
