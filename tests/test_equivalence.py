@@ -35,6 +35,8 @@ COMMON = [*NO_DROPOUT, "--train.epoch_steps=3", "--data.max_eval=8", "--train.gr
 EXTRA = [{"method": "pcgrad", "schedule": "proportional", "grad_accum": 2, "reducer": "allreduce", "engine": "ddp",
           "precision": "no", "ranks": 2, "idle": "step"},
          {"method": "pcgrad", "schedule": "round_robin", "grad_accum": 1, "reducer": "allreduce", "engine": "zero2",
+          "precision": "no", "ranks": 2, "args": ("--train.layer_lr_decay=0.5", "--train.head_lr=3e-3")},
+         {"method": "pcgrad", "schedule": "round_robin", "grad_accum": 1, "reducer": "allreduce", "engine": "zero3",
           "precision": "no", "ranks": 2, "args": ("--train.layer_lr_decay=0.5", "--train.head_lr=3e-3")}]
 CASES = covering_design()
 FAMILY = family_cases()  # the multi-task gradient and loss-weighting methods (issue: method family)
