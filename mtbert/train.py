@@ -344,7 +344,25 @@ def main(argv: list[str] | None = None) -> int:
     except ckpt.CheckpointWriteError as e:
         return write_failed(run, e)
     run.reporter.close()
+    if run.collectives.world > 1:
+        leave_without_finalization(code)
     return code
+
+
+def leave_without_finalization(code: int) -> None:
+    """A rank of a multi-process run exits here, after the barrier, the trackers and
+    destroy_process_group (Reporter.close), without Python's interpreter finalization.
+    Why: DDP's reducer and DeepSpeed keep their own references to the gloo process group, so the
+    C++ group and the work objects its threads hold outlive destroy_process_group and were freed
+    during finalization, where freeing a tensor that needs the GIL aborts the rank ("terminate
+    called without an active exception", SIGABRT, after the run's outputs were written: seen
+    once in CI, 2026-12-02; pytorch/pytorch#179291 describes the same abort). Every output file
+    is closed when it is written, so only the standard streams need flushing."""
+    import logging
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def write_failed(run: Run, e: ckpt.CheckpointWriteError) -> int:

@@ -356,3 +356,43 @@ def test_deepspeed_nan_steps_are_skipped_counted_and_stop_the_run(tiny_ckpt, tmp
     assert not (run / "summary.json").exists()
     last = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
     assert last == 4
+
+
+def test_a_multi_rank_run_leaves_after_teardown_without_interpreter_finalization(monkeypatch):
+    """A rank aborted in gloo's teardown during finalization after its outputs were written (CI,
+    2026-12-02): ranks of a multi-process run now leave with os._exit after Reporter.close, with
+    the exit code of the run and the standard streams flushed; one process returns as before."""
+    from types import SimpleNamespace
+
+    from mtbert import train
+    events = []
+
+    class Left(Exception):
+        pass
+
+    def fake_exit(code):
+        events.append(("os._exit", code))
+        raise Left
+
+    for world in (2, 1):
+        events.clear()
+        run = SimpleNamespace(collectives=SimpleNamespace(world=world),
+                              reporter=SimpleNamespace(close=lambda: events.append(("close",))))
+        monkeypatch.setattr(train, "parse_args", lambda argv: SimpleNamespace(log=None))
+        monkeypatch.setattr(train, "check_wandb_ready", lambda log: None)
+        monkeypatch.setattr(train, "make_accelerator", lambda cfg: (None, None, None))
+        monkeypatch.setattr(train, "setup", lambda *a: run)
+        monkeypatch.setattr(train, "fit", lambda r: 75)  # e.g. a graceful stop's exit code
+        monkeypatch.setattr(os, "_exit", fake_exit)
+        if world > 1:
+            with pytest.raises(Left):
+                train.main([])
+            assert events == [("close",), ("os._exit", 75)]
+        else:
+            assert train.main([]) == 75 and events == [("close",)]
+    monkeypatch.undo()
+    # the streams are flushed before os._exit: buffered output to a pipe would be lost otherwise
+    code = "import sys; print('written', end=''); from mtbert.train import leave_without_finalization as l; l(3)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe: block-buffered
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 3 and done.stdout == "written", done.stderr[-2000:]
