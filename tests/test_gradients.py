@@ -168,3 +168,33 @@ def test_block_grams_of_the_shards_sum_to_the_full_block_grams():
     partial = sum(block_gram(rows[:, r * n:(r + 1) * n], local_blocks(blocks, r * n, n)) for r in range(world))
     torch.testing.assert_close(partial, block_gram(rows, blocks), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(partial.sum(0), rows @ rows.T, rtol=1e-12, atol=1e-12)
+
+
+def test_each_tasks_reduction_starts_after_its_last_backward_and_is_waited_before_the_gram(tiny_ckpt):
+    """The overlap (issue: hide the per-task communication behind backward): task t's row is
+    handed to the reducer as soon as its last micro-batch's backward is done, so its collective
+    runs while the next task computes; the step waits once, before the Gram."""
+    from mtbert.methods.phases import Phase
+    from mtbert.step import MicroBatch
+    cfg = parse_args([f"--model.checkpoint={tiny_ckpt}", "--method.name=pcgrad", "--train.grad_clip=0"])
+    model, batches = _model_and_batches(tiny_ckpt)
+    stepper = _stepper(model, cfg, list(batches))
+    events = []
+
+    def record(obj, name, label):
+        real = getattr(obj, name)
+
+        def wrapped(*a, **k):
+            events.append(label(*a))
+            return real(*a, **k)
+        setattr(obj, name, wrapped)
+    record(stepper.engine, "task_backward", lambda buf, t, loss: f"backward {t}")
+    record(stepper.reducer, "launch", lambda k, *a: f"launch {stepper.buffers.tasks[k]}")
+    record(stepper.reducer, "wait", lambda: "wait")
+    record(stepper.reducer, "reduce", lambda *a: "gram")
+    # two micro-batches: sst and quora in the first, quora and sts in the second
+    micro = [MicroBatch({"sst": batches["sst"], "quora": batches["quora"]}, {"sst": 1.0, "quora": 1.0}),
+             MicroBatch({"quora": batches["quora"], "sts": batches["sts"]}, {"quora": 1.0, "sts": 1.0})]
+    stepper.step(1, micro, Phase(("sst", "quora", "sts"), 1, 1, "t"))
+    assert events == ["backward sst", "launch sst", "backward quora", "backward quora", "launch quora",
+                      "backward sts", "launch sts", "wait", "gram"], events
