@@ -106,6 +106,10 @@ def _refuse_unproved_zero3(cfg) -> None:
     fp32 and bf16, the family in fp32), without SMART or per-task layers; the loss weightings are
     not proved there."""
     t, m = cfg.train, cfg.method
+    if t.ema_decay:
+        raise ConfigError("train.ema_decay: under ZeRO-3 each rank holds a partition of every parameter, and the "
+                          "weight average is kept of whole parameters; use ZeRO-2 (accelerate_configs/zero2.yaml), "
+                          "DDP, or train.ema_decay=0")
     if m.name not in ("sum", "mean", *ZERO3_PER_TASK):
         raise ConfigError(f"method.name={m.name}: under ZeRO-3 the summed and mean losses and the gradient methods "
                           f"({', '.join(ZERO3_PER_TASK)}) are proved equal to one process, not the loss weightings; "

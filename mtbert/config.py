@@ -177,6 +177,10 @@ class TrainCfg:
     precision: str = "auto"
     """`auto` (from the accelerate config / launch flags), `no` (fp32), `bf16` or `fp16` (GPU only:
     Accelerate silently ignores fp16 on CPU)."""
+    ema_decay: float = 0.0
+    """Evaluate, keep as best, save as final and predict with an exponential moving average of
+    the weights, this decay per optimizer step (warmed up: min(decay, (1+t)/(10+t))); the
+    optimizer steps the raw weights. 0 = off. Refused under ZeRO-3 (partitioned parameters)."""
     compile: bool = False
     """torch.compile the encoder (dynamic shapes: one graph for all sequence lengths). Off by
     default: measured slower end to end on the 2-core CPU (README, `mtbert.bench --parts compile`)."""
@@ -462,6 +466,8 @@ def _check_numbers(cfg: Config) -> None:
         raise ConfigError("train.lr: must be > 0")
     if not 0 < t.layer_lr_decay <= 1:
         raise ConfigError(f"train.layer_lr_decay: must be in (0, 1], got {t.layer_lr_decay}")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = no weight average), got {t.ema_decay}")
     for path, v in {"train.temperature": t.temperature, "method.smart_step": m.smart_step,
                     "method.smart_noise": m.smart_noise}.items():
         if v <= 0:

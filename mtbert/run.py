@@ -70,6 +70,7 @@ class Run:
     stepper: Stepper
     autocast: object = None
     scaler: object = None
+    average: object = None  # weight_average.WeightAverage when train.ema_decay > 0
     state: TrainState = field(default_factory=TrainState)
     window: LogWindow = field(default_factory=LogWindow)  # checkpointed: metrics after a resume are unchanged
     settings: dict = field(default_factory=dict)  # what decides the trained weights (resume.run_settings)

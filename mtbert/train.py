@@ -46,6 +46,7 @@ from mtbert.reporting import Reporter, check_wandb_ready
 from mtbert.resume import choose_checkpoint, prepare_run_dir, resume_run, run_settings, save_run
 from mtbert.run import LogWindow, Run, global_mean_losses
 from mtbert.step import MicroBatch, Stepper
+from mtbert.weight_average import WeightAverage, evaluated_weights
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after writing a checkpoint; requeue me
 EXIT_NUMERICS = 3  # too many non-finite steps in a row
@@ -167,6 +168,9 @@ def setup(cfg: Config, accelerator, autocast, scaler) -> Run:
     stepper = Stepper(accelerator, model, optimizer, scheduler, cfg, list(specs), coll, autocast, scaler)
     run = Run(cfg, accelerator, reporter, coll, specs, stepper.module, model, train, dev, test, sampler, phases,
               total, scheduler, stepper, autocast, scaler, sizes=sizes, settings=settings)
+    if cfg.train.ema_decay:  # registered before the resume: load_state restores it
+        run.average = WeightAverage(run.module, cfg.train.ema_decay)
+        accelerator.register_for_checkpointing(run.average)
     resume_run(run, chosen)
     process.connect(accelerator)  # SIGTERM / SIGUSR1 -> checkpoint and exit at the next step boundary
     return run
@@ -177,6 +181,11 @@ def setup(cfg: Config, accelerator, autocast, scaler) -> Run:
 def evaluate_dev(run: Run, label: str) -> None:
     """Dev metrics -> metrics.jsonl and the console; a new best overall saves best/."""
     step = run.state.step
+    with evaluated_weights(run.average):  # the weight average when train.ema_decay > 0
+        evaluate_and_keep_best(run, label, step)
+
+
+def evaluate_and_keep_best(run: Run, label: str, step: int) -> None:
     metrics, overall, _ = evaluate(run.module, run.dev, run.specs, run.cfg.data.eval_batch_size,
                                    run.accelerator.device, run.autocast, run.collectives,
                                    run.accelerator.process_index)
@@ -220,6 +229,8 @@ def log_train(run: Run, phase: Phase, window: LogWindow) -> LogWindow:
     for k, vs in window.stats.items():
         vals = [float(v) for v in vs]
         record[k] = sum(vals) if k in ("skipped", "comm_bytes") else sum(vals) / len(vals)
+    if run.average is not None:
+        record["ema_gap"] = run.average.gap()
     run.reporter.log(record)
     return LogWindow()
 
@@ -232,6 +243,8 @@ def train_phase(run: Run, phase: Phase, phase_end: int, bar) -> int:
         window = run.window
         stats = run.stepper.step(state.step, micro_batches(run, phase, window), phase)
         state.step += 1
+        if run.average is not None and not stats.get("skipped"):
+            run.average.update()
         bar.update(1)
         state.bad_streak = state.bad_streak + 1 if stats.get("skipped") else 0
         for k, v in stats.items():
@@ -300,6 +313,8 @@ def fit(run: Run) -> int:
 def finish(run: Run) -> None:
     """Final weights, replica check, the best model's dev and test predictions, summary.json."""
     accelerator, run_dir, world = run.accelerator, run.run_dir, run.collectives.world
+    if run.average is not None:  # training is over: the average is the model from here on
+        run.average.apply()
     ckpt.save_weights(accelerator, run.model, run_dir / "final", {"step": run.state.step})
     sharded = zero_stage(accelerator) == 3  # ZeRO-3: each rank holds a shard of the parameters
     agree = None if sharded else ranks_agree(run.module, run.collectives, run.stepper.method_state)

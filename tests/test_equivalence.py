@@ -37,7 +37,12 @@ EXTRA = [{"method": "pcgrad", "schedule": "proportional", "grad_accum": 2, "redu
          {"method": "pcgrad", "schedule": "round_robin", "grad_accum": 1, "reducer": "allreduce", "engine": "zero2",
           "precision": "no", "ranks": 2, "args": ("--train.layer_lr_decay=0.5", "--train.head_lr=3e-3")},
          {"method": "pcgrad", "schedule": "round_robin", "grad_accum": 1, "reducer": "allreduce", "engine": "zero3",
-          "precision": "no", "ranks": 2, "args": ("--train.layer_lr_decay=0.5", "--train.head_lr=3e-3")}]
+          "precision": "no", "ranks": 2, "args": ("--train.layer_lr_decay=0.5", "--train.head_lr=3e-3")},
+         # The weight average (train.ema_decay): final/ holds it, and ema_gap is compared at every step.
+         {"method": "pcgrad", "schedule": "annealed", "grad_accum": 2, "reducer": "sharded", "engine": "ddp",
+          "precision": "no", "ranks": 3, "args": ("--train.ema_decay=0.5",)},
+         {"method": "sum", "schedule": "round_robin", "grad_accum": 1, "reducer": "allreduce", "engine": "zero2",
+          "precision": "no", "ranks": 2, "args": ("--train.ema_decay=0.5",)}]
 CASES = covering_design()
 FAMILY = family_cases()  # the multi-task gradient and loss-weighting methods (issue: method family)
 # fp32: reduction order only. bf16: the batch shape changes which rows share a GEMM tile, and
@@ -91,7 +96,7 @@ def references(tiny_ckpt, tmp_path_factory):
 
 
 def per_step(run) -> list[dict]:
-    keep = ("step", "grad_norm", "lr", "skipped")
+    keep = ("step", "grad_norm", "lr", "skipped", "ema_gap")
     return [{k: v for k, v in r.items() if k in keep or k.startswith("loss/")}
             for r in read_metrics(run) if r["split"] == "train"]
 
@@ -107,6 +112,10 @@ def assert_same_steps(got: list[dict], ref: list[dict], tol: float, label: str) 
         # vector: a near-zero loss of one task (bf16: 0.0018 vs 0.0017) carries no relative precision.
         diff = sum((g[k] - r[k]) ** 2 for k in losses) ** 0.5 / max(sum(r[k] ** 2 for k in losses) ** 0.5, 1e-12)
         assert diff <= tol, f"{label} step {g['step']}: task losses {[g[k] for k in losses]} vs {[r[k] for k in losses]}"
+        assert ("ema_gap" in g) == ("ema_gap" in r), f"{label} step {g['step']}: a weight average on one side only"
+        if "ema_gap" in r:  # ||raw - average||: an average updated twice, or from other weights, moves it
+            assert abs(g["ema_gap"] / r["ema_gap"] - 1) <= tol, (f"{label} step {g['step']}: ema_gap "
+                                                                 f"{g['ema_gap']:.6g} vs 1 process {r['ema_gap']:.6g}")
         ratio = g["grad_norm"] / r["grad_norm"]
         assert abs(ratio - 1) <= tol, (f"{label} step {g['step']}: gradient norm {g['grad_norm']:.6g} vs "
                                        f"1 process {r['grad_norm']:.6g} (ratio {ratio:.6f})")
