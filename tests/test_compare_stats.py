@@ -89,3 +89,43 @@ def test_a_reference_that_is_not_there_exits_2(tmp_path):
     res = subprocess.run([sys.executable, "-m", "mtbert.compare", str(d), "--out", str(tmp_path / "c"),
                           "--reference", "nope"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "--reference: no group is 'nope'" in res.stderr
+
+
+def test_a_wandb_group_gets_the_same_seed_groups_and_seed_level_test(tmp_path, monkeypatch, capsys):
+    """--wandb-group ENTITY/PROJECT/GROUP: runs read through wandb.Api (faked here: no network)
+    form the same seed groups; without prediction files the test is the seed level alone."""
+    import types
+
+    from mtbert import compare
+
+    class FakeRun:
+        def __init__(self, method, seed, sst, lr=1e-4):
+            self.name = f"{method}-{seed}"
+            self.config = to_dict(parse_args([f"--method.name={method}", f"--train.seed={seed}", f"--train.lr={lr}"]))
+            self.summary = {"_step": 30, "_runtime": 60.0}
+            sts = 0.80 + 0.001 * seed
+            self.rows = [{"_step": 30, "dev/overall": (sst + (sts + 1) / 2) / 2, "dev/sst/acc": sst,
+                          "dev/sts/pearson": sts}, {"_step": 31, "train/loss/sst": 1.0}]
+
+        def scan_history(self):
+            return iter(self.rows)
+
+    runs = [FakeRun("sum", s, 0.40 + 0.005 * s) for s in (1, 2, 3)]
+    runs += [FakeRun("pcgrad", s, 0.60 + 0.005 * s) for s in (1, 2, 3)]
+    runs += [FakeRun("pcgrad", s, 0.40 + 0.005 * s, lr=3e-4) for s in (1, 2)]  # another setting: its own group
+    asked = []
+
+    class Api:
+        def runs(self, path, filters):
+            asked.append((path, filters))
+            return runs
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(Api=Api))
+    out = tmp_path / "cmp"
+    assert compare.main(["--wandb-group", "me/mtbert/study", "--out", str(out), "--rounds", "200"]) == 0
+    assert asked == [("me/mtbert", {"group": "study"})]
+    rows = {line.split(" | ")[0].strip("| "): line for line in (out / "stats.md").read_text().splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert rows["sum (joint RR) (lr=0.0001) (reference)"].split(" | ")[1] == "3"
+    pc, other = rows["PCGrad (RR-PCGrad) (lr=0.0001)"], rows["PCGrad (RR-PCGrad) (lr=0.0003)"]
+    assert pc.split(" | ")[1] == "3" and "0.610 ±" in pc and "**+**" in pc.split(" | ")[2], pc
+    assert other.split(" | ")[1] == "2" and "**" not in other, other
