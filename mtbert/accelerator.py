@@ -61,6 +61,7 @@ def make_accelerator(cfg):
     if zero_stage(accelerator) == 3:
         _refuse_unproved_zero3(cfg)
     refuse_unproved_family(cfg, accelerator.num_processes, zero_stage(accelerator), precision)
+    refuse_unproved_average(cfg, accelerator.num_processes, zero_stage(accelerator), precision)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if own_fp16 else None
     return accelerator, autocast, LossScaler() if own_fp16 else None
 
@@ -95,6 +96,19 @@ def refuse_unproved_family(cfg, world: int, stage: int, precision: str) -> None:
             raise ConfigError(f"{field}: method.name={m.name} on {world} processes is proved equal to one process "
                               f"only for round-robin fp32 steps over every task under DDP, ZeRO-2 or ZeRO-3 "
                               f"(tests/test_equivalence.py); run it in 1 process, or drop this setting")
+
+
+def refuse_unproved_average(cfg, world: int, stage: int, precision: str) -> None:
+    """The weight average (train.ema_decay) on several processes is in the equivalence matrix in
+    fp32 under DDP and ZeRO-2 (tests/test_equivalence.py, EXTRA); ZeRO-1 and mixed precision are
+    refused until they are (ZeRO-3: _refuse_unproved_zero3)."""
+    if not cfg.train.ema_decay or world == 1:
+        return
+    for field, bad in (("accelerate config (ZeRO stage)", stage == 1),
+                       ("train.precision", precision not in ("no", "fp32"))):
+        if bad:
+            raise ConfigError(f"{field}: train.ema_decay on {world} processes is proved equal to one process in "
+                              f"fp32 under DDP and ZeRO-2 only; run it there, or set train.ema_decay=0")
 
 
 def _refuse_unproved_zero3(cfg) -> None:
