@@ -181,7 +181,7 @@ class TrainCfg:
     """Evaluate, keep as best, save as final and predict with an exponential moving average of
     the weights, this decay per optimizer step (warmed up: min(decay, (1+t)/(10+t))); the
     optimizer steps the raw weights. 0 = off. Refused under ZeRO-3 (partitioned parameters). Costs
-    one fp32 pass over the parameters per step (11% of the recipe's throughput on a 2-core CPU),
+    one fp32 pass over the parameters per step (4% of the recipe's throughput on a 2-core CPU),
     and gave nothing at the end of the linearly decayed recipe (docs/recipe30-2026-12-02.md)."""
     compile: bool = False
     """torch.compile the encoder (dynamic shapes: one graph for all sequence lengths). Off by
