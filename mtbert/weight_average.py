@@ -32,16 +32,15 @@ class WeightAverage:
     def update(self) -> None:
         """After an optimizer step that was applied (a skipped step leaves the average alone)."""
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for a, p in zip(self.average, self.params):
-            a.lerp_(p.detach().float(), 1.0 - d)
+        torch._foreach_lerp_(self.average, [p.detach().float() for p in self.params], 1.0 - d)  # one call
         self.updates += 1
 
     @torch.no_grad()
     def gap(self) -> float:
         """||raw - average|| over every parameter: the scale-sensitive per-step quantity that the
         equivalence tests compare (an average updated twice, or from other weights, moves it)."""
-        sq = sum(float((p.detach().float() - a).pow(2).sum()) for a, p in zip(self.average, self.params))
-        return sq ** 0.5
+        sq = torch.stack([(p.detach().float() - a).pow(2).sum() for a, p in zip(self.average, self.params)]).sum()
+        return float(sq) ** 0.5  # one host sync per log line, not one per tensor
 
     @torch.no_grad()
     def apply(self) -> None:
