@@ -236,5 +236,9 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a launched worker: it leaves like every launched process (process.leave)
+    from mtbert import process
+    from mtbert.collectives import destroy_process_group
+    code = main()
+    destroy_process_group()
+    process.leave(code)

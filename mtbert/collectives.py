@@ -138,3 +138,17 @@ class Collectives:
         self.barrier()
         if self.world > 1:
             self.ops.destroy_process_group()
+
+
+def process_group_exists() -> bool:
+    """Whether this process joined a process group (DeepSpeed makes one for a single process too):
+    such a process ends with ``process.leave`` after the group is destroyed."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def destroy_process_group() -> None:
+    """Leave this process's group, if it has one (local: no collective)."""
+    if process_group_exists():
+        import torch.distributed as dist
+        dist.destroy_process_group()

@@ -13,6 +13,9 @@ in that window used to kill the process with nothing saved and no requeue).
   launcher dies (checkpoints are atomic, so the newest complete one survives).
 - SIGXFSZ (a file-size limit reached) kills by default; ignored, the write raises OSError
   (EFBIG) and the checkpoint code stops every rank with a message instead.
+- ``leave``: the one way a process of a launch that had a process group ends (the trainer,
+  the test and bench helpers under torchrun or accelerate launch): streams flushed, then
+  ``os._exit``, never Python's interpreter finalization (see its docstring).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import ctypes
 import os
 import signal
 import sys
+from typing import NoReturn
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _PR_SET_PDEATHSIG = 1
@@ -59,3 +63,24 @@ def connect(accelerator) -> None:
         signal.signal(sig, lambda signum, frame: accelerator.set_trigger())
     if _requested:
         accelerator.set_trigger()
+
+
+def leave(code: int) -> NoReturn:
+    """End this process with ``code`` after its process group was torn down (barrier,
+    ``destroy_process_group``), without Python's interpreter finalization.
+
+    Why: DDP's reducer, DeepSpeed and FSDP keep their own references to the gloo process group,
+    so the C++ group and the work objects its threads hold outlive ``destroy_process_group`` and
+    are freed during finalization, where freeing a tensor that needs the GIL aborts the process
+    ("terminate called without an active exception", SIGABRT) after its work was done: seen in
+    CI for a trainer rank (2026-12-02) and for the FSDP2 test helper (2 of 9 runs, 2026-12-07);
+    pytorch/pytorch#179291 describes the same abort. Every output file is closed when it is
+    written, so only logging and the standard streams need flushing."""
+    import logging
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
+            pass
+    os._exit(code)

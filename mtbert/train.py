@@ -15,7 +15,6 @@ Everything distributed goes through Accelerate (``accelerator.prepare``), the en
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 
 from mtbert import checkpoint as ckpt
 from mtbert.accelerator import configure_deepspeed, make_accelerator, zero_stage
-from mtbert.collectives import Collectives
+from mtbert.collectives import Collectives, destroy_process_group, process_group_exists
 from mtbert.config import Config, ConfigError, HeadCfg, parse_args, to_dict
 from mtbert.data.batching import load_split
 from mtbert.data.sampler import ShardedTaskSampler, plan_step
@@ -343,41 +342,49 @@ def finish(run: Run) -> None:
                        f"outputs in {run_dir}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def train(argv: list[str]) -> tuple[int, Run | None]:
+    """One run in this process, start to finish: -> (exit code, the Run, or None when it was
+    refused before setup). The process group, if any, stays up: ``main`` tears it down, and a
+    launch that runs several configurations in turn (tests/helpers/run_cases.py) calls
+    ``release`` between them."""
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = parse_args(argv)
         check_wandb_ready(cfg.log)
         accelerator, autocast, scaler = make_accelerator(cfg)
         run = setup(cfg, accelerator, autocast, scaler)
     except UserError as e:  # bad config or input: every rank hits the same one
-        print(f"{'config' if isinstance(e, ConfigError) else 'input'} error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        print(f"{'config' if isinstance(e, ConfigError) else 'input'} error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR, None
     try:
         code = fit(run)
         if not code:
             finish(run)
     except ckpt.CheckpointWriteError as e:
-        return write_failed(run, e)
-    run.reporter.close()
-    if run.collectives.world > 1:
-        leave_without_finalization(code)
+        return write_failed(run, e), run
+    return code, run
+
+
+def release(run: Run) -> None:
+    """Let go of a finished run's engine (a DeepSpeed engine is destroyed) and trackers, keeping
+    the process group: the next run in this process builds its own Accelerator."""
+    run.accelerator.wait_for_everyone()
+    for tracker in run.accelerator.trackers:
+        tracker.finish()
+    run.accelerator.free_memory()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line. A process that joined a process group (a launch; DeepSpeed makes one
+    for a single process too) ends here through ``process.leave``; one that did not returns."""
+    code, run = train(sys.argv[1:] if argv is None else argv)
+    had_group = process_group_exists()
+    if run is not None:
+        run.reporter.close()  # barrier, trackers, destroy_process_group
+    else:  # refused after the Accelerator joined the group: every rank is refused alike
+        destroy_process_group()
+    if had_group:
+        process.leave(code)
     return code
-
-
-def leave_without_finalization(code: int) -> None:
-    """A rank of a multi-process run exits here, after the barrier, the trackers and
-    destroy_process_group (Reporter.close), without Python's interpreter finalization.
-    Why: DDP's reducer and DeepSpeed keep their own references to the gloo process group, so the
-    C++ group and the work objects its threads hold outlive destroy_process_group and were freed
-    during finalization, where freeing a tensor that needs the GIL aborts the rank ("terminate
-    called without an active exception", SIGABRT, after the run's outputs were written: seen
-    once in CI, 2026-12-02; pytorch/pytorch#179291 describes the same abort). Every output file
-    is closed when it is written, so only the standard streams need flushing."""
-    import logging
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def write_failed(run: Run, e: ckpt.CheckpointWriteError) -> int:
@@ -387,7 +394,7 @@ def write_failed(run: Run, e: ckpt.CheckpointWriteError) -> int:
           f"{found[-1] if found else '(none yet)'}; free space and run the same command to resume.",
           file=sys.stderr, flush=True)
     if run.collectives.world > 1:  # the others wait in a barrier (ours or DeepSpeed's): the launcher
-        os._exit(EXIT_IO)           # sees this rank fail and stops them; a clean exit could hang in teardown
+        process.leave(EXIT_IO)      # sees this rank fail and stops them; a clean exit could hang in teardown
     return EXIT_IO
 
 

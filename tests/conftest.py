@@ -77,6 +77,34 @@ def read_metrics(run_dir: Path) -> list[dict]:
 NO_DROPOUT = ["--model.dropout=0", "--heads.sst.dropout=0", "--heads.quora.dropout=0", "--heads.sts.dropout=0"]
 
 
+@pytest.fixture(scope="session")
+def launched(tiny_ckpt, tmp_path_factory):
+    """case (tests/equivalence_design.py: a matrix case or a refusal) -> (CaseResult, its run
+    directory). The first request for a (config, processes) pair launches every case of that
+    pair in one launch (tests/harness.py); later requests read the results."""
+    import equivalence_design as design
+    from harness import Case, run_group
+    root, groups = tmp_path_factory.mktemp("launched"), {}
+    everything = design.equivalence_cases() + design.REFUSALS
+
+    def args(case: dict, run: Path) -> list[str]:
+        if "field" in case:  # a refusal: the overrides as a user would type them
+            return tiny_args(tiny_ckpt, run, *case["args"])
+        return tiny_args(tiny_ckpt, run, *design.case_args(case),
+                         f"--data.batch_size={design.GLOBAL_BATCH // case['ranks']}")
+
+    def get(case: dict):
+        key = design.launch_key(case)
+        folder = root / f"{key[0].removesuffix('.yaml')}-{key[1]}"
+        if key not in groups:
+            members = [c for c in everything if design.launch_key(c) == key]
+            cases = [Case(design.case_label(c), args(c, folder / design.case_label(c))) for c in members]
+            groups[key] = run_group(*key, cases, folder / "results")
+        label = design.case_label(case)
+        return groups[key][label], folder / label
+    return get
+
+
 def launch(config: str, args: list[str], timeout: int = 600, env_extra: dict | None = None, processes: int = 0):
     """Run the trainer the way users do: accelerate launch --config_file accelerate_configs/<config>
     (``processes``: override the config's num_processes, as users do with --num_processes)."""
@@ -138,3 +166,13 @@ class TwoTaskModel(torch.nn.Module):
 
     def task_parameter_names(self, task):
         return [n for n, _ in self.named_parameters() if n.startswith(f"heads.{task}.")]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How the launch groups went (tests/harness.py): one line per launch."""
+    from harness import LAUNCHES
+    if LAUNCHES:
+        terminalreporter.section("launch groups")
+        for launch in LAUNCHES:
+            terminalreporter.write_line(f"{launch['config']} x {launch['processes']}: {launch['cases']} case(s) "
+                                        f"in {launch['seconds']} s")

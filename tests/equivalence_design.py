@@ -3,12 +3,15 @@ step depends on, in which every pair of factor levels that a valid configuration
 in at least one case (greedy all-pairs construction; deterministic).
 
 Each case runs N ranks with per-rank batch b as users launch (accelerate launch) and is
-compared with 1 process on the global batch N b (tests/test_equivalence.py).
+compared with 1 process on the global batch N b (tests/test_equivalence.py). The cases of one
+(accelerate config, N) run in one launch, in turn (tests/harness.py): ``launch_groups``.
 """
 
 from __future__ import annotations
 
 import itertools
+
+from conftest import NO_DROPOUT
 
 FACTORS: dict[str, tuple] = {
     "method": ("sum", "mean", "pcgrad", "gse", "smart", "pairwise", "arrp", "sequential"),
@@ -114,3 +117,71 @@ def covering_design() -> list[dict]:
 
 def case_id(case: dict) -> str:
     return "-".join(str(case[k]) for k in FACTORS)
+
+
+GLOBAL_BATCH = 12  # = 2 x 6 = 3 x 4: 2- and 3-rank cases share their 1-process reference
+# Dropout is off (NO_DROPOUT): its masks are drawn per rank (the one documented exception to equality).
+# STS with the bi-encoder regression head: the tiny random encoder maps every sentence to
+# nearly the same vector, so the cosine head's gradient is ~1e-7 (cos saturates at 1). PCGrad
+# projects onto the normal plane of such a near-zero g_j by dot / ||g_j||^2, and the dot's sign
+# is then decided by rounding: the method itself is discontinuous there, on any engine.
+# Test predictions are off: the matrix compares training, not the prediction files.
+COMMON = [*NO_DROPOUT, "--train.epoch_steps=3", "--data.max_eval=8", "--train.grad_clip=1.0", "--train.warmup=0",
+          "--train.log_every=1", "--method.conflict_stats=false", "--heads.sts.kind=bi", "--train.predict_test=false"]
+
+
+def case_args(case: dict) -> list[str]:
+    """The trainer overrides of a case (without checkpoint, run directory and batch size)."""
+    args = [*COMMON, *METHOD_ARGS[case["method"]], f"--train.schedule={case['schedule']}",
+            f"--train.grad_accum={case['grad_accum']}", f"--method.reducer={case['reducer']}",
+            f"--train.precision={case['precision']}"]
+    if case["schedule"] == "annealed":
+        args.append("--train.epochs=2")  # alpha changes with the epoch
+    if "idle" in case:
+        args.append(f"--train.idle_params={case['idle']}")
+    return [*args, *case.get("args", ())]
+
+
+# Settings outside the design's factors, each proved once: train.idle_params=step off DeepSpeed
+# (a probabilistic schedule leaves undrawn heads without a gradient; they get zeros on every rank).
+# Per-group learning rates (layer-wise decay, a head rate) through DeepSpeed's optimizer wrapper:
+# each group keeps its own rate and schedule there as in torch.
+EXTRA: list[dict] = [
+    {"method": "pcgrad", "schedule": "proportional", "grad_accum": 2, "reducer": "allreduce", "engine": "ddp",
+     "precision": "no", "ranks": 2, "idle": "step"},
+    {"method": "pcgrad", "schedule": "round_robin", "grad_accum": 1, "reducer": "allreduce", "engine": "zero2",
+     "precision": "no", "ranks": 2, "args": ("--train.layer_lr_decay=0.5", "--train.head_lr=3e-3")},
+    {"method": "pcgrad", "schedule": "round_robin", "grad_accum": 1, "reducer": "allreduce", "engine": "zero3",
+     "precision": "no", "ranks": 2, "args": ("--train.layer_lr_decay=0.5", "--train.head_lr=3e-3")},
+    # The weight average (train.ema_decay): final/ holds it, and ema_gap is compared at every step.
+    {"method": "pcgrad", "schedule": "annealed", "grad_accum": 2, "reducer": "sharded", "engine": "ddp",
+     "precision": "no", "ranks": 3, "args": ("--train.ema_decay=0.5",)},
+    {"method": "sum", "schedule": "round_robin", "grad_accum": 1, "reducer": "allreduce", "engine": "zero2",
+     "precision": "no", "ranks": 2, "args": ("--train.ema_decay=0.5",)}]
+
+# Set-ups refused before any work (the launch's config decides the engine): (engine, overrides,
+# the field the message names). tests/test_distributed.py checks each in its launch group.
+REFUSALS: list[dict] = [
+    {"engine": "zero2", "ranks": 2, "args": ("--train.idle_params=keep",), "field": "train.idle_params"},
+    {"engine": "zero3", "ranks": 2, "args": ("--method.name=pcgrad", "--method.smart=true"), "field": "method.smart"},
+    {"engine": "zero3", "ranks": 2, "args": ("--train.schedule=proportional",), "field": "train.schedule"},
+    {"engine": "zero3", "ranks": 2, "args": ("--method.name=famo",), "field": "method.name"},
+    {"engine": "ddp", "ranks": 2, "args": ("--method.name=mgda", "--train.schedule=union"), "field": "train.schedule"}]
+
+
+def case_label(case: dict) -> str:
+    """A unique, readable id: the factor levels, then whatever the case sets besides them."""
+    if "field" in case:
+        return "refused-" + case["engine"] + "".join(f"-{a.split('.', 1)[-1]}" for a in case["args"])
+    return (case_id(case) + (f"-idle_{case['idle']}" if "idle" in case else "")
+            + "".join(f"-{a.split('.', 1)[-1]}" for a in case.get("args", ())))
+
+
+def equivalence_cases() -> list[dict]:
+    """Every case of the matrix: the covering design, the extras, the method family."""
+    return covering_design() + EXTRA + family_cases()
+
+
+def launch_key(case: dict) -> tuple[str, int]:
+    """Cases that share a launch: the same accelerate config and number of processes."""
+    return ENGINE_CONFIG[case["engine"]], case["ranks"]

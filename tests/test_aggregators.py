@@ -99,6 +99,35 @@ def test_cagrad_matches_the_paper_and_closes_the_duality_gap(K):
     assert abs(float((G @ du).min() - dual)) <= 1e-8 * float(G.norm(dim=1).max() ** 2)
 
 
+@pytest.mark.parametrize("rank_deficient", [False, True])
+def test_cagrad_meets_its_optimum_on_badly_scaled_and_rank_deficient_grams(rank_deficient):
+    """The inner problem min_{w in simplex} g_w . g0 + c ||g0|| ||g_w||, checked against a dense
+    Dirichlet sample of the simplex polished by SLSQP from its best points: ours is never worse
+    (to 1e-9 of ||g0||^2). SLSQP from the centre alone, the authors' solver, was off by up to
+    1.4 ||g0||^2 on such Grams (norms spread 100x), and ~4e-5 relative on rank-deficient ones."""
+    rng = np.random.default_rng(7 + rank_deficient)
+    for trial in range(12):
+        K = int(rng.integers(2, 7))
+        r = int(rng.integers(1, K)) if rank_deficient and K > 1 else K
+        G = torch.from_numpy(rng.standard_normal((K, r)) @ rng.standard_normal((r, 40)))
+        G[0] *= 10 ** rng.uniform(-2, 2)
+        c = 0.4
+        g0 = G.mean(0)
+        s = c * float(g0.norm())
+        w = update_weights("cagrad", G @ G.T, cfg=MethodCfg(name="cagrad", cagrad_c=c, cagrad_rescale=0))[0] - 1 / K
+        w = w / w.sum()
+
+        def f(v):
+            gv = np.asarray(v) @ G.numpy()
+            return gv @ g0.numpy() + s * np.linalg.norm(gv)
+        W = rng.dirichlet(np.full(K, 0.3), size=4000)
+        best = sorted(W, key=f)[:5]
+        polished = [minimize(f, v, method="SLSQP", bounds=[(0, 1)] * K, options={"ftol": 1e-15, "maxiter": 500},
+                             constraints=[{"type": "eq", "fun": lambda v: v.sum() - 1}]).x for v in best]
+        other = min(f(np.clip(v, 0, None) / np.clip(v, 0, None).sum()) for v in [*best, *polished])
+        assert f(w.numpy()) <= other + 1e-9 * float(g0 @ g0), (trial, K, r, f(w.numpy()), other)
+
+
 # ---- IMTL-G -------------------------------------------------------------------------------
 
 def imtl_g_reference(G: torch.Tensor) -> torch.Tensor:

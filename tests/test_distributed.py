@@ -1,10 +1,11 @@
 """Launch-level checks outside the equivalence matrix (tests/test_equivalence.py): refusals that
-must happen before any work, and a check that the matrix's comparisons have teeth (PCGrad
-differs from the summed loss by far more than the tolerance)."""
+must happen before any work (run in the matrix's launch groups), and a check that the matrix's
+comparisons have teeth (PCGrad differs from the summed loss by far more than the tolerance)."""
 
 
 import pytest
-from conftest import NO_DROPOUT, launch, load_weights, read_metrics, rel_diff, run_main, tiny_args
+from conftest import NO_DROPOUT, load_weights, read_metrics, rel_diff, run_main, tiny_args
+from equivalence_design import METHOD_ARGS, REFUSALS, case_label
 
 pytestmark = pytest.mark.dist
 STEPS = ["--train.epoch_steps=3", "--data.max_eval=16", "--train.grad_clip=1.0", "--train.warmup=0",
@@ -15,17 +16,19 @@ def _norms(run):
     return [r["grad_norm"] for r in read_metrics(run) if r["split"] == "train"]
 
 
-def test_deepspeed_refuses_unproved_set_ups_before_any_work(tiny_ckpt, tmp_path):
-    for config, extra, field in (("zero2.yaml", ["--train.idle_params=keep"], "train.idle_params"),
-                                 ("zero3.yaml", ["--method.name=pcgrad", "--method.smart=true"], "method.smart"),
-                                 ("zero3.yaml", ["--train.schedule=proportional"], "train.schedule"),
-                                 ("zero3.yaml", ["--method.name=famo"], "method.name"),
-                                 ("cpu_2proc.yaml", ["--method.name=mgda", "--train.schedule=union"], "train.schedule")):
-        run = tmp_path / config
-        result = launch(config, tiny_args(tiny_ckpt, run, *extra))
-        assert result.returncode != 0
-        assert f"config error: {field}" in result.stderr, result.stderr[-3000:]
-        assert not (run / "metrics.jsonl").exists()
+@pytest.mark.parametrize("case", REFUSALS, ids=case_label)
+def test_unproved_set_ups_are_refused_before_any_work(launched, case):
+    """Launched like the matrix's cases, in the same launch groups (the config decides the engine)."""
+    result, run = launched(case)
+    assert result.code == 2, f"{case_label(case)}: exit {result.code}\n{result.log[-3000:]}"
+    assert f"config error: {case['field']}" in result.log, result.log[-3000:]
+    assert not (run / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("method", ["pairwise", "arrp"])
+def test_round_robin_only_methods_refuse_other_schedules(tiny_ckpt, tmp_path, method):
+    args = tiny_args(tiny_ckpt, tmp_path / "run", *METHOD_ARGS[method], "--train.schedule=union")
+    assert run_main(args) == 2
 
 
 def test_pcgrad_differs_from_sum_so_the_proofs_have_teeth(tiny_ckpt, tmp_path):

@@ -8,10 +8,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT, free_port, launch, tiny_args
+from harness import LAUNCHES, in_launches
 
 pytestmark = pytest.mark.dist
 BALANCED = ["--heads.sts.weight=0.01"]  # as in the equivalence matrix: norm-rescaling methods need it
@@ -32,22 +35,47 @@ CASES = [  # (ranks, grad_accum, overrides)
 ]
 
 
-def _run(tmp_path, ckpt, ranks, accum, overrides) -> dict:
-    out = tmp_path / "result.json"
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
-           str(ROOT / "tests" / "helpers" / "fsdp2_steps.py"), str(out), str(ckpt), "3", str(accum), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads(out.read_text())
+def case_id(ranks, accum, overrides) -> str:
+    name = overrides[0].split("=")[1] + ("_layer" if any("gram_blocks=layer" in o for o in overrides) else "")
+    return f"{ranks}-{accum}-{name}"
 
 
-@pytest.mark.parametrize("ranks,accum,overrides", CASES,
-                         ids=lambda v: v[0].split("=")[1] + ("_layer" if len(v) > 1 and "layer" in v[1] else "")
-                         if isinstance(v, list) else str(v))
-def test_fsdp2_ranks_equal_one_process_on_the_global_batch(tiny_ckpt, tmp_path, ranks, accum, overrides):
-    got = _run(tmp_path, tiny_ckpt, ranks, accum, overrides)
+@pytest.fixture(scope="session")
+def fsdp2_results(tiny_ckpt, tmp_path_factory):
+    """world size -> case id -> the helper's result (or ("crashed", output)): one torchrun per
+    world size runs all its cases in turn (tests/harness.py: a crash relaunches the rest)."""
+    root, groups = tmp_path_factory.mktemp("fsdp2"), {}
+
+    def get(ranks: int) -> dict:
+        if ranks in groups:
+            return groups[ranks]
+        cases = [SimpleNamespace(id=case_id(*c), accum=c[1], overrides=c[2]) for c in CASES if c[0] == ranks]
+
+        def launch(remaining):
+            plan = root / f"plan-{ranks}-{len(remaining)}.json"
+            plan.write_text(json.dumps({"ckpt": str(tiny_ckpt), "steps": 3, "cases": [
+                {"out": str(root / f"{c.id}.json"), "accum": c.accum, "overrides": c.overrides} for c in remaining]}))
+            cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(ranks), "--master_port",
+                   str(free_port()), str(ROOT / "tests" / "helpers" / "fsdp2_steps.py"), str(plan)]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+            start = time.time()
+            res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60 + 60 * len(remaining))
+            LAUNCHES.append({"config": "torchrun fsdp2_steps.py", "processes": ranks, "cases": len(remaining),
+                             "seconds": round(time.time() - start, 1)})
+            return res.returncode, res.stdout + res.stderr
+
+        def finished(case):
+            out = root / f"{case.id}.json"
+            return json.loads(out.read_text()) if out.exists() else None
+        groups[ranks] = in_launches(cases, launch, finished)
+        return groups[ranks]
+    return get
+
+
+@pytest.mark.parametrize("ranks,accum,overrides", CASES, ids=[case_id(*c) for c in CASES])
+def test_fsdp2_ranks_equal_one_process_on_the_global_batch(fsdp2_results, ranks, accum, overrides):
+    got = fsdp2_results(ranks)[case_id(ranks, accum, overrides)]
+    assert not isinstance(got, tuple), f"crashed: {got[1]}"
     assert got["world"] == ranks
     for step, (g, r) in enumerate(zip(got["norms"]["fsdp2"], got["norms"]["ref"])):
         assert abs(g / r - 1) <= 1e-5, f"step {step}: gradient norm {g:.6g} vs 1 process {r:.6g}"

@@ -358,10 +358,12 @@ def test_deepspeed_nan_steps_are_skipped_counted_and_stop_the_run(tiny_ckpt, tmp
     assert last == 4
 
 
-def test_a_multi_rank_run_leaves_after_teardown_without_interpreter_finalization(monkeypatch):
+def test_a_launched_run_leaves_after_teardown_without_interpreter_finalization(monkeypatch):
     """A rank aborted in gloo's teardown during finalization after its outputs were written (CI,
-    2026-12-02): ranks of a multi-process run now leave with os._exit after Reporter.close, with
-    the exit code of the run and the standard streams flushed; one process returns as before."""
+    2026-12-02; the FSDP2 helper 2 of 9 times, 2026-12-07): a process that joined a process group
+    (several ranks, or DeepSpeed's group of one) leaves with os._exit after Reporter.close, with
+    the run's exit code and the streams flushed; a run refused after the group exists too; a
+    process without a group (a run in this process) returns as before."""
     from types import SimpleNamespace
 
     from mtbert import train
@@ -374,25 +376,42 @@ def test_a_multi_rank_run_leaves_after_teardown_without_interpreter_finalization
         events.append(("os._exit", code))
         raise Left
 
-    for world in (2, 1):
+    for group, refused in ((True, False), (True, True), (False, False)):
         events.clear()
-        run = SimpleNamespace(collectives=SimpleNamespace(world=world),
-                              reporter=SimpleNamespace(close=lambda: events.append(("close",))))
-        monkeypatch.setattr(train, "parse_args", lambda argv: SimpleNamespace(log=None))
-        monkeypatch.setattr(train, "check_wandb_ready", lambda log: None)
-        monkeypatch.setattr(train, "make_accelerator", lambda cfg: (None, None, None))
-        monkeypatch.setattr(train, "setup", lambda *a: run)
-        monkeypatch.setattr(train, "fit", lambda r: 75)  # e.g. a graceful stop's exit code
+        run = None if refused else SimpleNamespace(reporter=SimpleNamespace(close=lambda: events.append(("close",))))
+        monkeypatch.setattr(train, "train", lambda argv: (2, None) if refused else (75, run))  # e.g. a stop's code
+        monkeypatch.setattr(train, "process_group_exists", lambda: group)
+        monkeypatch.setattr(train, "destroy_process_group", lambda: events.append(("destroy",)))
         monkeypatch.setattr(os, "_exit", fake_exit)
-        if world > 1:
+        if group:
             with pytest.raises(Left):
                 train.main([])
-            assert events == [("close",), ("os._exit", 75)]
+            assert events == ([("destroy",), ("os._exit", 2)] if refused else [("close",), ("os._exit", 75)])
         else:
             assert train.main([]) == 75 and events == [("close",)]
     monkeypatch.undo()
     # the streams are flushed before os._exit: buffered output to a pipe would be lost otherwise
-    code = "import sys; print('written', end=''); from mtbert.train import leave_without_finalization as l; l(3)"
+    code = "import sys; print('written', end=''); from mtbert.process import leave; leave(3)"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe: block-buffered
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 3 and done.stdout == "written", done.stderr[-2000:]
+
+
+LAUNCHED = ["mtbert/train.py", "mtbert/bench_dist.py", *sorted(f"tests/helpers/{p.name}" for p in
+                                                               (ROOT / "tests" / "helpers").glob("*.py"))]
+
+
+@pytest.mark.parametrize("script", LAUNCHED)
+def test_every_launched_script_leaves_through_process_leave(script):
+    """Every script that torchrun or accelerate launch starts ends one way: process.leave (directly,
+    or through mtbert.train.main, which calls it once a process group exists). A script that
+    returns into interpreter finalization with a gloo group alive can abort after its work."""
+    import ast
+    tree = ast.parse((ROOT / script).read_text())
+    calls = {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+             for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    imports_train_main = any(isinstance(n, ast.ImportFrom) and n.module == "mtbert.train"
+                             and any(a.name == "main" for a in n.names) for n in ast.walk(tree))
+    own_main = script == "mtbert/train.py"
+    assert "leave" in calls or ((imports_train_main or own_main) and "main" in calls), (
+        f"{script} does not end through mtbert.process.leave")

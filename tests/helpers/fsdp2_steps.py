@@ -3,7 +3,11 @@ N ranks whose model is ``fully_shard``ed (engines/fsdp2.py) take Stepper steps o
 of the global batch; every rank also runs the 1-process reference (TorchEngine) on the whole
 global batch. Rank 0 writes both runs' per-step gradient norms and the parameter differences.
 
-    torchrun --nproc_per_node 2 tests/helpers/fsdp2_steps.py OUT.json CKPT STEPS ACCUM [--overrides...]
+    torchrun --nproc_per_node 2 tests/helpers/fsdp2_steps.py PLAN.json
+
+PLAN.json: ``{"ckpt": CKPT, "steps": S, "cases": [{"out": OUT.json, "accum": A, "overrides": [...]}, ...]}``:
+the cases run in turn in this one process group (fresh models, optimizers and engines each);
+rank 0 writes each case's OUT.json. The launch ends through ``mtbert.process.leave``.
 
 Accelerate is not used: it drops FSDP on CPU (accelerator.py refuses that launch), so the
 accelerator is engines/fsdp2.plain_accelerator.
@@ -14,6 +18,7 @@ import sys
 
 import torch
 
+from mtbert import process
 from mtbert.collectives import Collectives
 from mtbert.config import HeadCfg, parse_args
 from mtbert.data.tasks import build_specs
@@ -40,8 +45,7 @@ def stepper(acc, model, cfg, specs, coll):
     return Stepper(acc, model, opt, sched, cfg, list(specs), coll)
 
 
-def main(out: str, ckpt: str, steps: int, accum: int, overrides: list[str]) -> None:
-    coll = Collectives.from_env("cpu")
+def run_case(coll: Collectives, out: str, ckpt: str, steps: int, accum: int, overrides: list[str]) -> None:
     world, rank = coll.world, coll.rank
     cfg = parse_args([f"--model.checkpoint={ckpt}", f"--data.batch_size={GLOBAL_BATCH}", "--train.lr=1e-3",
                       "--train.grad_clip=1.0", "--method.conflict_stats=false", "--heads.sts.kind=bi", *overrides])
@@ -74,8 +78,17 @@ def main(out: str, ckpt: str, steps: int, accum: int, overrides: list[str]) -> N
         worst = max(((got[n] - want[n]).norm() / want[n].norm().clamp_min(1e-12)).item() for n in want)
         json.dump({"norms": norms, "param_rel_diff": float(num / den), "worst_tensor": worst, "world": world,
                    "shared_params": shared, "local_columns": everyone}, open(out, "w"))
+    coll.barrier()
+
+
+def main(plan_file: str) -> int:
+    plan = json.load(open(plan_file))
+    coll = Collectives.from_env("cpu")
+    for case in plan["cases"]:
+        run_case(coll, case["out"], plan["ckpt"], plan["steps"], case["accum"], case["overrides"])
     coll.close()
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
+    process.leave(main(sys.argv[1]))
