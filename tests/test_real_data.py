@@ -9,9 +9,12 @@ pytestmark = pytest.mark.slow
 
 def test_short_real_run_learns(data_dir, tmp_path):
     run = tmp_path / "run"
-    assert run_main([f"--data.dir={data_dir}", f"--train.out_dir={run}", "--train.epochs=1", "--train.epoch_steps=50",
-                     "--data.batch_size=16", "--train.lr=1e-4", "--data.max_eval=300", "--data.max_train=4000",
-                     "--train.log_every=10", "--train.progress=false", "--heads.quora.kind=cross"]) == 0
+    # 16 steps at a high rate: ~30 s on 2 cores (2026-12-07: SST dev 0.11 -> 0.52, Quora 0.54 -> 0.67,
+    # overall +0.17; the thresholds below keep a wide margin). Longer real-data runs are not the suite's.
+    assert run_main([f"--data.dir={data_dir}", f"--train.out_dir={run}", "--train.epochs=1", "--train.epoch_steps=16",
+                     "--data.batch_size=16", "--train.lr=3e-4", "--data.max_eval=150", "--data.max_train=1000",
+                     "--train.log_every=4", "--train.progress=false", "--heads.quora.kind=cross",
+                     "--train.predict_test=false"]) == 0
     records = read_metrics(run)
     train = [r for r in records if r["split"] == "train"]
     dev = [r for r in records if r["split"] == "dev"]

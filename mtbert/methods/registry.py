@@ -105,7 +105,7 @@ METHODS: dict[str, MethodSpec] = {
         ("--method.name=mgda",), "optim/aggregators/min_norm.py (mgda_weights)", FAMILY_REFUSES),
     "cagrad": MethodSpec(
         "CAGrad", "Liu et al. 2021: conflict-averse gradient (c = method.cagrad_c)",
-        ("--method.name=cagrad",), "optim/aggregators/min_norm.py (cagrad_weights: SLSQP on the simplex)",
+        ("--method.name=cagrad",), "optim/aggregators/min_norm.py (cagrad_weights: the inner problem solved exactly over the faces of the hull)",
         FAMILY_REFUSES),
     "imtl_g": MethodSpec(
         "IMTL-G", "Liu et al. 2021: equal projections on every unit task gradient (closed form)",
