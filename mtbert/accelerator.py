@@ -49,9 +49,7 @@ def make_accelerator(cfg):
     # Per-task fp16 is scaled by optim/loss_scaler.LossScaler, so Accelerate must not add its own GradScaler.
     own_fp16 = per_task and precision == "fp16"
     # Under DDP a step that leaves some head or layer unused needs find_unused_parameters.
-    unused = (cfg.train.schedule != "round_robin" or cfg.method.pairwise or cfg.method.arrp_batches > 0
-              or bool(cfg.train.train_tasks))
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=bool(unused))]
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=leaves_parameters_idle(cfg))]
     if not cuda and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))  # else DeepSpeed on CPU asks for NCCL/oneCCL
     accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="no" if own_fp16 else precision,
@@ -59,7 +57,7 @@ def make_accelerator(cfg):
                       gradient_accumulation_steps=1,  # mtbert accumulates itself (engines/)
                       step_scheduler_with_optimizer=False)  # else it steps N times per step on N processes
     if zero_stage(accelerator) == 3:
-        _refuse_unproved_zero3(cfg)
+        _refuse_unproved_zero3(cfg, accelerator.state.deepspeed_plugin.deepspeed_config)
     refuse_unproved_family(cfg, accelerator.num_processes, zero_stage(accelerator), precision)
     refuse_unproved_average(cfg, accelerator.num_processes, zero_stage(accelerator), precision)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if own_fp16 else None
@@ -111,35 +109,31 @@ def refuse_unproved_average(cfg, world: int, stage: int, precision: str) -> None
                               f"fp32 under DDP and ZeRO-2 only; run it there, or set train.ema_decay=0")
 
 
-def _refuse_unproved_zero3(cfg) -> None:
-    """ZeRO-3 is proved equal to 1 process only where every step gives every parameter a
-    gradient (round-robin over all tasks). With a task absent from a step, ZeRO-3 moved the idle
-    parameters differently from both `idle_params` settings (gradient norms 0.4-4.6% off from
-    step 2, tests/test_equivalence.py), so those set-ups are refused. Per-task methods run on the
-    gradient partitions (engines/zero3.py) and are proved for the Gram methods (PCGrad and GSE in
-    fp32 and bf16, the family in fp32), without SMART or per-task layers; the loss weightings are
-    not proved there."""
+def leaves_parameters_idle(cfg) -> bool:
+    """Whether a step can leave some parameter without a gradient (a head of a task the step
+    does not train, an encoder frozen by ARRP's head-only batches)."""
     t, m = cfg.train, cfg.method
+    return t.schedule != "round_robin" or m.pairwise or m.arrp_batches > 0 or bool(t.train_tasks)
+
+
+def _refuse_unproved_zero3(cfg, ds_config: dict) -> None:
+    """ZeRO-3 set-ups that are not equal to one process, each for a reason in the engine's code.
+    Idle parameters (a step without some task) are equal since engines/zero3.py clears the
+    gradient partitions after every step (docs/zero3-idle-parameters.md); that needs the
+    partitions on the device, so optimizer offload is refused with per-task methods or idle
+    parameters."""
+    t, m = cfg.train, cfg.method
+    offload = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    if offload not in ("none", None) and (is_per_task(m.name) or leaves_parameters_idle(cfg)):
+        raise ConfigError("zero_optimization.offload_optimizer: with per-task methods or steps that leave parameters "
+                          "idle, mtbert reads and clears ZeRO-3's gradient partitions (grad_partitions_flat_buffer), "
+                          "which optimizer offload bypasses at the accumulation boundary for the parameters a step "
+                          "used (deepspeed/runtime/zero/stage3.py: partition_grads, "
+                          "_offload_grad_partition_at_boundary); turn optimizer offload off")
     if t.ema_decay:
         raise ConfigError("train.ema_decay: under ZeRO-3 each rank holds a partition of every parameter, and the "
                           "weight average is kept of whole parameters; use ZeRO-2 (accelerate_configs/zero2.yaml), "
                           "DDP, or train.ema_decay=0")
-    if m.name not in ("sum", "mean", *ZERO3_PER_TASK):
-        raise ConfigError(f"method.name={m.name}: under ZeRO-3 the summed and mean losses and the gradient methods "
-                          f"({', '.join(ZERO3_PER_TASK)}) are proved equal to one process, not the loss weightings; "
-                          f"use ZeRO-2 (accelerate_configs/zero2.yaml) or DDP")
-    for field, bad in (("train.schedule", t.schedule != "round_robin"), ("method.pairwise", m.pairwise),
-                       ("method.arrp_batches", m.arrp_batches > 0), ("train.train_tasks", bool(t.train_tasks))):
-        if bad:
-            raise ConfigError(f"{field}: under ZeRO-3 only round-robin steps over every task are proved equal to "
-                              f"one process (a step without some task leaves parameters idle, which ZeRO-3 "
-                              f"updates differently); use ZeRO-2 (accelerate_configs/zero2.yaml) or DDP")
-    if m.name in ZERO3_PER_TASK:
-        for field, bad in (("method.smart", m.smart), ("model.sharing", bool(cfg.model.sharing))):
-            if bad:
-                raise ConfigError(f"{field}: method.name={m.name} under ZeRO-3 is proved equal to one process for "
-                                  f"round-robin steps without SMART or per-task layers; use ZeRO-2 "
-                                  f"(accelerate_configs/zero2.yaml) or drop this setting")
 
 
 def _refuse_fsdp(cuda: bool) -> None:

@@ -35,6 +35,7 @@ from mtbert.collectives import Collectives
 from mtbert.config import per_task
 from mtbert.engines import make_engine
 from mtbert.methods.smart import smart_loss
+from mtbert.model.heads import LOG_VARS
 from mtbert.optim import aggregators, loss_weighting
 from mtbert.optim.aggregators import GramInputs, conflict_stats
 from mtbert.optim.loss_scaler import LossScaler
@@ -126,12 +127,12 @@ class Stepper:
             # backward would mark the first task's parameters twice.
             with self.autocast():
                 outs = self.model(mb.batches, head_only=phase.head_only)
+            log_vars = outs.pop(LOG_VARS, None)  # UW's [K] log-variances, from inside the forward
             parts = {t: self._task_loss(t, b, outs[t], mb.shares[t], phase, self._noise_seed(step, i, t))
                      for t, b in mb.batches.items()}
             names = [t for t in self.tasks if t in parts]  # the run's task order, on every rank
             inputs = WeightingInputs(self._task_index(names), generator, self.cfg.method,
-                                     lambda: self._global_losses([parts[t].detach() for t in names]),
-                                     getattr(self.module, "loss_log_vars", None))
+                                     lambda: self._global_losses([parts[t].detach() for t in names]), log_vars)
             total = spec.combine([parts[t] for t in names], inputs, self.method_state)
             self.engine.backward(total / n, last=i == n - 1)
             for t, v in parts.items():
@@ -164,7 +165,7 @@ class Stepper:
         for mb in micro_batches:
             with self.autocast():
                 outs = self.module(mb.batches, head_only=phase.head_only)
-                for t, b in mb.batches.items():
+                for t, b in mb.batches.items():  # (outs may hold LOG_VARS too: not a task)
                     loss = self.module.heads[t].loss(outs[t], b["labels"]) * (mb.shares[t] * phase.loss_scale)
                     total[t] = total[t] + loss.detach() / n
         return self._global_losses([torch.as_tensor(total[t]) for t in names])

@@ -24,7 +24,7 @@ FACTORS: dict[str, tuple] = {
 }
 
 PER_TASK = {"pcgrad", "gse", "smart", "pairwise", "arrp"}
-ZERO3_PER_TASK = {"pcgrad", "gse"}  # gradient surgery on ZeRO-3's partitions (engines/zero3.py)
+ZERO3_PER_TASK = {"pcgrad", "gse", "pairwise", "arrp", "smart"}  # gradient surgery on ZeRO-3's partitions (engines/zero3.py)
 
 # What each method level sets (SMART, pairwise and ARRP run with PCGrad: the per-task path).
 METHOD_ARGS: dict[str, list[str]] = {
@@ -70,7 +70,7 @@ def family_cases() -> list[dict]:
     cases = []
     for i, method in enumerate(FAMILY_ARGS):
         if method in LOSS_WEIGHTING:
-            runs = [("allreduce", "ddp"), ("allreduce", "zero2")]
+            runs = [("allreduce", "ddp"), ("allreduce", "zero2"), ("allreduce", "zero3")]
         else:  # ZeRO-3 reduces itself: its reducer setting is not used
             runs = [("allreduce", "ddp"), ("sharded", "ddp"), ("sharded" if i % 2 else "allreduce", "zero2"),
                     ("sharded", "zero3")]
@@ -92,8 +92,8 @@ def valid(case: dict) -> bool:
         return False
     if m not in PER_TASK and case["reducer"] != "allreduce":
         return False  # the summed path has no reducer
-    if case["engine"] == "zero3" and (m in PER_TASK - ZERO3_PER_TASK or s != "round_robin"):
-        return False  # refused (tests/test_distributed.py checks): SMART, phases / idle parameters
+    if case["engine"] == "zero3" and m in PER_TASK - ZERO3_PER_TASK:
+        return False  # refused (tests/test_distributed.py checks): SMART with per-task methods
     return True
 
 
@@ -157,15 +157,18 @@ EXTRA: list[dict] = [
     {"method": "pcgrad", "schedule": "annealed", "grad_accum": 2, "reducer": "sharded", "engine": "ddp",
      "precision": "no", "ranks": 3, "args": ("--train.ema_decay=0.5",)},
     {"method": "sum", "schedule": "round_robin", "grad_accum": 1, "reducer": "allreduce", "engine": "zero2",
-     "precision": "no", "ranks": 2, "args": ("--train.ema_decay=0.5",)}]
+     "precision": "no", "ranks": 2, "args": ("--train.ema_decay=0.5",)},
+    {"method": "pcgrad", "schedule": "annealed", "grad_accum": 2, "reducer": "allreduce", "engine": "zero3",
+     "precision": "no", "ranks": 2, "args": ("--model.sharing=F0-S1-I1",)},
+    {"method": "sum", "schedule": "round_robin", "grad_accum": 1, "reducer": "allreduce", "engine": "zero3",
+     "precision": "no", "ranks": 2, "args": ("--model.sharing=F1-S0-I1",)},
+    {"method": "smart", "schedule": "round_robin", "grad_accum": 1, "reducer": "allreduce", "engine": "zero3",
+     "precision": "no", "ranks": 2}]
 
 # Set-ups refused before any work (the launch's config decides the engine): (engine, overrides,
 # the field the message names). tests/test_distributed.py checks each in its launch group.
 REFUSALS: list[dict] = [
     {"engine": "zero2", "ranks": 2, "args": ("--train.idle_params=keep",), "field": "train.idle_params"},
-    {"engine": "zero3", "ranks": 2, "args": ("--method.name=pcgrad", "--method.smart=true"), "field": "method.smart"},
-    {"engine": "zero3", "ranks": 2, "args": ("--train.schedule=proportional",), "field": "train.schedule"},
-    {"engine": "zero3", "ranks": 2, "args": ("--method.name=famo",), "field": "method.name"},
     {"engine": "ddp", "ranks": 2, "args": ("--method.name=mgda", "--train.schedule=union"), "field": "train.schedule"}]
 
 

@@ -160,18 +160,26 @@ def _bad_inputs(tiny_ckpt, tmp_path):
     ]
 
 
-def test_bad_input_found_after_parsing_exits_2_with_one_line_and_no_traceback(tiny_ckpt, tmp_path):
-    """The real entry point (a subprocess): before, these ended in a traceback with exit 1."""
+def test_bad_input_found_after_parsing_exits_2_with_one_line_and_no_traceback(tiny_ckpt, tmp_path, capsys):
+    """Each bad input in this process (main returns 2, raises nothing, says one line naming the
+    field or file:line, writes no metrics); then one of them through the real entry point (a
+    subprocess): exit 2 and no traceback. Before, these ended in a traceback with exit 1."""
     import os
     import subprocess
     import sys
 
     from conftest import ROOT
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    for name, extra, message in _bad_inputs(tiny_ckpt, tmp_path):
+    cases = _bad_inputs(tiny_ckpt, tmp_path)
+    for name, extra, message in cases:
         run = tmp_path / f"run-{name.replace(' ', '_')}"
-        res = subprocess.run([sys.executable, "mtbert/train.py", *tiny_args(tiny_ckpt, run), *extra], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=120)
-        assert res.returncode == 2, f"{name}: exit {res.returncode}\n{res.stderr[-2000:]}"
-        assert "Traceback" not in res.stderr, f"{name}: {res.stderr[-2000:]}"
-        assert re.search(message, res.stderr), f"{name}: {res.stderr[-1000:]}"
+        assert run_main([*tiny_args(tiny_ckpt, run), *extra]) == 2, name
+        err = capsys.readouterr().err
+        assert re.search(message, err), f"{name}: {err[-1000:]}"
+        assert not (run / "metrics.jsonl").exists(), name
+    name, extra, message = next(c for c in cases if c[0] == "bad row")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    res = subprocess.run([sys.executable, "mtbert/train.py", *tiny_args(tiny_ckpt, tmp_path / "process"), *extra],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, f"{name}: exit {res.returncode}\n{res.stderr[-2000:]}"
+    assert "Traceback" not in res.stderr, f"{name}: {res.stderr[-2000:]}"
+    assert re.search(message, res.stderr), f"{name}: {res.stderr[-1000:]}"

@@ -34,7 +34,6 @@ import itertools
 
 import torch
 
-from mtbert.config import ConfigError
 from mtbert.engines.zero import DeepSpeedEngine
 from mtbert.optim.gradients import GramOnlyReducer, TaskRows, block_ranges, split_parameters
 
@@ -114,16 +113,35 @@ def _check_layout(params: list, offsets: dict, total: int, flat: torch.Tensor) -
 
 
 class Zero3Engine(DeepSpeedEngine):
-    """ZeRO-3: the summed path is DeepSpeedEngine's; per-task methods work on partitions."""
+    """ZeRO-3: the summed path is DeepSpeedEngine's, with the gradient partitions cleared after
+    every step; per-task methods work on partitions.
+
+    Why the clearing (docs/zero3-idle-parameters.md): ZeRO-3 writes a parameter's reduced
+    gradient into ``grad_partitions_flat_buffer`` only when its hook fires (``partition_grads``),
+    never clears that buffer (``zero_grad`` does not), and steps every parameter with what the
+    buffer holds (``independent_gradient_partition_epilogue`` points ``averaged_gradients`` at
+    it). A parameter idle in a step (the head of a task the schedule left out) was stepped with
+    its gradient of the last step it was used in, and that stale gradient counted in the norm.
+    Cleared, an idle parameter gets a zero gradient, as ``train.idle_params=step`` gives it in
+    one process."""
 
     attach_rows = False
     forward_through_wrapper = True  # the engine's forward runs ZeRO-3's gather and accounting hooks
 
-    def __init__(self, accelerator, model, optimizer, scheduler, params, clip, idle, per_task):
-        super().__init__(accelerator, model, optimizer, scheduler, params, clip, idle, per_task)
-        if per_task and getattr(self.engine.optimizer, "offload_optimizer", False):
-            raise ConfigError("zero_optimization.offload_optimizer: per-task methods under ZeRO-3 read the gradient "
-                              "partitions on the device; turn optimizer offload off in the DeepSpeed config")
+    def step(self, per_task: bool, schedule: bool = True):
+        result = super().step(per_task, schedule)
+        self.clear_partitions()
+        return result
+
+    def skip(self) -> None:
+        super().skip()
+        self.clear_partitions()
+
+    def clear_partitions(self) -> None:
+        """Zero this rank's gradient partitions (looked up each time: reload_states may re-create
+        the buffer). ``partition_grads`` copies into it at the first micro-batch and adds after, so
+        a parameter whose first gradient of a step comes in a later micro-batch starts from 0 too."""
+        self.engine.optimizer.grad_partitions_flat_buffer.zero_()
 
     def make_buffers(self, module, tasks: list[str], world: int, gram_blocks: str) -> PartitionRows:
         return PartitionRows(self.engine.optimizer, module, tasks, gram_blocks)

@@ -126,6 +126,9 @@ class TaskHead(nn.Module):
         return (out > 0).long()
 
 
+LOG_VARS = "_loss_log_vars"  # the dict-form forward's extra output under UW (not a task name)
+
+
 class MultitaskModel(nn.Module):
     """One shared encoder, optional per-task top layers, one head per task."""
 
@@ -165,11 +168,15 @@ class MultitaskModel(nn.Module):
     def forward(self, task, batch: dict | None = None, inputs_embeds: list | None = None, head_only: bool = False):
         """batch: a_ids/a_mask/a_types [B, T] (+ b_* for bi-encoder pairs) -> head output.
         ``task`` may be a dict task -> batch: then a dict task -> head output, from one call
-        (what a DDP-wrapped model needs for several tasks before one backward).
+        (what a DDP-wrapped model needs for several tasks before one backward), plus UW's
+        ``loss_log_vars`` under ``LOG_VARS`` (ZeRO-3 gathers a parameter only inside a forward).
         head_only: the pooled sentence vectors [B, H] are constants (ARRP's head-only batches),
         so backward reaches the head alone."""
         if isinstance(task, dict):
-            return {t: self.forward(t, b, head_only=head_only) for t, b in task.items()}
+            outs = {t: self.forward(t, b, head_only=head_only) for t, b in task.items()}
+            if hasattr(self, "loss_log_vars"):  # read inside the forward, where sharded parameters are gathered
+                outs[LOG_VARS] = self.loss_log_vars.view(-1)
+            return outs
         emb = inputs_embeds or [None, None]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not head_only):
             u = self.encode(task, batch["a_ids"], batch["a_mask"], batch.get("a_types"), emb[0])
