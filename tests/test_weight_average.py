@@ -61,7 +61,7 @@ def test_decay_out_of_range_and_zero3_are_refused(tiny_ckpt, tmp_path, capsys):
     assert "train.ema_decay: must be in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     with pytest.raises(ConfigError, match="train.ema_decay: under ZeRO-3"):
-        _refuse_unproved_zero3(parse_args(["--train.ema_decay=0.9"]))
+        _refuse_unproved_zero3(parse_args(["--train.ema_decay=0.9"]), {})
 
 
 def test_multi_process_averages_outside_the_matrix_are_refused():
