@@ -58,55 +58,8 @@ def make_accelerator(cfg):
                       step_scheduler_with_optimizer=False)  # else it steps N times per step on N processes
     if zero_stage(accelerator) == 3:
         _refuse_unproved_zero3(cfg, accelerator.state.deepspeed_plugin.deepspeed_config)
-    refuse_unproved_family(cfg, accelerator.num_processes, zero_stage(accelerator), precision)
-    refuse_unproved_average(cfg, accelerator.num_processes, zero_stage(accelerator), precision)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if own_fp16 else None
     return accelerator, autocast, LossScaler() if own_fp16 else None
-
-
-# Per-task methods on ZeRO-3's gradient partitions (engines/zero3.py), in the equivalence matrix.
-ZERO3_PER_TASK = ("pcgrad", "gse", "mgda", "cagrad", "imtl_g", "aligned_mtl", "upgrad", "dualproj", "nash_mtl",
-                  "gradvac")
-SEED_METHODS = ("sum", "mean", "pcgrad", "gse")  # proved with every schedule, phase and precision
-PROVED_BLOCKS = ("pcgrad", "gradvac")  # method.gram_blocks=layer is in the matrix for these
-
-
-def refuse_unproved_family(cfg, world: int, stage: int, precision: str) -> None:
-    """The method family (MGDA ... FAMO) is proved equal to one process (tests/test_equivalence.py,
-    FAMILY) with round-robin steps over every task, fp32, grad_accum 1/2, under DDP (both reducers),
-    ZeRO-2 and ZeRO-3 (the loss weightings: not on ZeRO-3, _refuse_unproved_zero3). Several
-    processes with anything else are refused before any work; one process is the reference and
-    runs everything."""
-    t, m = cfg.train, cfg.method
-    if world == 1:
-        return
-    if m.gram_blocks != "whole" and m.name not in PROVED_BLOCKS:
-        raise ConfigError(f"method.gram_blocks={m.gram_blocks}: per-block weights on several processes are proved "
-                          f"for {', '.join(PROVED_BLOCKS)} only, not method.name={m.name}; use whole")
-    if m.name in SEED_METHODS:
-        return
-    unproved = (("train.schedule", t.schedule != "round_robin"), ("method.pairwise", m.pairwise),
-                ("method.arrp_batches", m.arrp_batches > 0), ("method.smart", m.smart),
-                ("train.train_tasks", bool(t.train_tasks)), ("model.sharing", bool(cfg.model.sharing)),
-                ("train.precision", precision not in ("no", "fp32")), ("accelerate config (ZeRO stage)", stage == 1))
-    for field, bad in unproved:
-        if bad:
-            raise ConfigError(f"{field}: method.name={m.name} on {world} processes is proved equal to one process "
-                              f"only for round-robin fp32 steps over every task under DDP, ZeRO-2 or ZeRO-3 "
-                              f"(tests/test_equivalence.py); run it in 1 process, or drop this setting")
-
-
-def refuse_unproved_average(cfg, world: int, stage: int, precision: str) -> None:
-    """The weight average (train.ema_decay) on several processes is in the equivalence matrix in
-    fp32 under DDP and ZeRO-2 (tests/test_equivalence.py, EXTRA); ZeRO-1 and mixed precision are
-    refused until they are (ZeRO-3: _refuse_unproved_zero3)."""
-    if not cfg.train.ema_decay or world == 1:
-        return
-    for field, bad in (("accelerate config (ZeRO stage)", stage == 1),
-                       ("train.precision", precision not in ("no", "fp32"))):
-        if bad:
-            raise ConfigError(f"{field}: train.ema_decay on {world} processes is proved equal to one process in "
-                              f"fp32 under DDP and ZeRO-2 only; run it there, or set train.ema_decay=0")
 
 
 def leaves_parameters_idle(cfg) -> bool:

@@ -65,34 +65,6 @@ def test_unknown_key_suggests_the_close_one():
         parse_args(["--train.grad_acum=2"])
 
 
-@pytest.mark.parametrize("args,field", [
-    (["--method.name=mgda", "--train.schedule=proportional"], "train.schedule"),
-    (["--method.name=famo", "--method.pairwise=true"], "method.pairwise"),
-    (["--method.name=nash_mtl", "--method.arrp_batches=2"], "method.arrp_batches"),
-    (["--method.name=cagrad", "--method.smart=true"], "method.smart"),
-    (["--method.name=upgrad", "--model.sharing=F0-S1-I1"], "model.sharing"),
-    (["--method.name=mgda", "--method.gram_blocks=layer"], "method.gram_blocks"),
-])
-def test_the_method_family_refuses_unproved_multi_process_set_ups(args, field):
-    from mtbert.accelerator import refuse_unproved_family
-    cfg = parse_args(args)
-    refuse_unproved_family(cfg, 1, -1, "no")  # one process: the reference, everything runs
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        refuse_unproved_family(cfg, 2, -1, "no")
-
-
-def test_the_method_family_refuses_bf16_and_zero1_on_several_processes_and_allows_the_proved_ones():
-    from mtbert.accelerator import refuse_unproved_family
-    cfg = parse_args(["--method.name=dwa"])
-    for stage, precision in ((-1, "bf16"), (1, "no")):
-        with pytest.raises(ConfigError, match="method.name=dwa on 2 processes"):
-            refuse_unproved_family(cfg, 2, stage, precision)
-    for args in (["--method.name=dwa"], ["--method.name=gradvac", "--method.gram_blocks=layer"],
-                 ["--method.name=pcgrad", "--train.schedule=union", "--method.smart=true"]):
-        for stage in (-1, 2):
-            refuse_unproved_family(parse_args(args), 3, stage, "no")  # in the matrix: allowed
-
-
 @pytest.mark.parametrize("sharing", ["", "F0-S1-I1"])
 def test_layer_lr_decay_gives_each_depth_its_rate(tiny_ckpt, sharing):
     """Tiny checkpoint, L = 2 layers, d = 0.5: embeddings lr/8, layer 0 lr/4, layer 1 lr/2 (as a

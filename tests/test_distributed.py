@@ -5,7 +5,7 @@ comparisons have teeth (PCGrad differs from the summed loss by far more than the
 
 import pytest
 from conftest import NO_DROPOUT, load_weights, read_metrics, rel_diff, run_main, tiny_args
-from equivalence_design import METHOD_ARGS, REFUSALS, case_label
+from equivalence_design import LEVEL_ARGS, REFUSALS, case_label
 
 pytestmark = pytest.mark.dist
 STEPS = ["--train.epoch_steps=3", "--data.max_eval=16", "--train.grad_clip=1.0", "--train.warmup=0",
@@ -25,9 +25,10 @@ def test_unproved_set_ups_are_refused_before_any_work(launched, case):
     assert not (run / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("method", ["pairwise", "arrp"])
-def test_round_robin_only_methods_refuse_other_schedules(tiny_ckpt, tmp_path, method):
-    args = tiny_args(tiny_ckpt, tmp_path / "run", *METHOD_ARGS[method], "--train.schedule=union")
+@pytest.mark.parametrize("phases", ["pairwise", "arrp"])
+def test_round_robin_only_methods_refuse_other_schedules(tiny_ckpt, tmp_path, phases):
+    args = tiny_args(tiny_ckpt, tmp_path / "run", "--method.name=pcgrad", *LEVEL_ARGS[("phases", phases)],
+                     "--train.schedule=union")
     assert run_main(args) == 2
 
 

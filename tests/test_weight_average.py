@@ -64,19 +64,6 @@ def test_decay_out_of_range_and_zero3_are_refused(tiny_ckpt, tmp_path, capsys):
         _refuse_unproved_zero3(parse_args(["--train.ema_decay=0.9"]), {})
 
 
-def test_multi_process_averages_outside_the_matrix_are_refused():
-    from mtbert.accelerator import refuse_unproved_average
-    from mtbert.config import ConfigError, parse_args
-    cfg = parse_args(["--train.ema_decay=0.9"])
-    for world, stage, precision in ((1, 1, "bf16"), (3, 0, "no"), (2, 2, "no")):  # 1 process, DDP, ZeRO-2 fp32
-        refuse_unproved_average(cfg, world, stage, precision)
-    with pytest.raises(ConfigError, match=r"accelerate config \(ZeRO stage\): train.ema_decay on 2 processes"):
-        refuse_unproved_average(cfg, 2, 1, "no")
-    with pytest.raises(ConfigError, match="train.precision: train.ema_decay on 2 processes"):
-        refuse_unproved_average(cfg, 2, 2, "bf16")
-    refuse_unproved_average(parse_args([]), 2, 1, "bf16")  # no average: nothing to refuse
-
-
 LONG = ["--train.epoch_steps=12", "--train.checkpoint_every=3", "--train.eval_every=4", "--train.log_every=1",
         "--data.max_eval=8", "--train.ema_decay=0.8"]
 

@@ -86,11 +86,13 @@ class PartitionRows(TaskRows):
         self.priv_flat[task].add_(flat.index_select(0, self.private_idx[task]).float())
         flat.zero_()
 
-    def hand_back(self, present: list[str]) -> None:
-        """The flat buffer <- the combined shared update and the present tasks' head gradients."""
+    def hand_back(self, present: list[str], shared: bool = True) -> None:
+        """The flat buffer <- the combined shared update (unless ``shared`` is False: ARRP's
+        head-only batches, where only the heads train) and the present tasks' head gradients."""
         flat = self.flat
         flat.zero_()
-        flat.index_copy_(0, self.shared_idx, self.update.to(flat.dtype))
+        if shared:
+            flat.index_copy_(0, self.shared_idx, self.update.to(flat.dtype))
         for t in present:
             flat.index_copy_(0, self.private_idx[t], self.priv_flat[t].to(flat.dtype))
 
@@ -156,7 +158,10 @@ class Zero3Engine(DeepSpeedEngine):
         buffers.capture(task)
 
     def apply_update(self, buffers: PartitionRows, present: list[str], head_only, last: bool):
-        buffers.hand_back(present)
+        # head_only (ARRP): the shared parameters get a zero gradient, as under ZeRO-1/2 and in one
+        # process with idle_params=step (the update of all-zero rows can be NaN for a method
+        # undefined on a zero Gram, e.g. Nash-MTL; one process discards it too).
+        buffers.hand_back(present, shared=head_only is None)
         self.engine.optimizer.independent_gradient_partition_epilogue()  # averaged_gradients -> the buffer
         self.engine.set_gradient_accumulation_boundary(True)
         return self.step(per_task=True, schedule=last)

@@ -41,11 +41,6 @@ class MethodSpec:
         return self.overrides if self.marks is None else self.marks
 
 
-FAMILY_REFUSES = ("on several processes: schedules other than round_robin, pairwise, ARRP, SMART, "
-                  "sharing, train_tasks, bf16, ZeRO-1 (not in the equivalence matrix)")
-WEIGHTING_REFUSES = "ZeRO-3; " + FAMILY_REFUSES  # the loss weightings are not proved on ZeRO-3
-ZERO3_PER_TASK = "ZeRO-3 with SMART or per-task layers (model.sharing)"
-
 METHODS: dict[str, MethodSpec] = {
     "sum": MethodSpec(
         "sum (joint RR)", "seeds' joint-training baseline", (),
@@ -57,91 +52,90 @@ METHODS: dict[str, MethodSpec] = {
         "PCGrad (RR-PCGrad)", "Yu et al. 2020, Alg. 1; seeds: RR-PCGrad = PCGrad + round-robin",
         ("--method.name=pcgrad",),
         "optim/pcgrad.py (weights from the Gram), optim/aggregators/projection.py, optim/gradients.py (rows, reducers), "
-        "step.py per-task path; engines/zero3.py (on ZeRO-3's gradient partitions)", ZERO3_PER_TASK),
+        "step.py per-task path; engines/zero3.py (on ZeRO-3's gradient partitions)"),
     "gse": MethodSpec(
         "GSE", "seed 'An Exploration of Fine-Tuning Techniques on minBERT': PCGrad-mean update, then the plain sum",
         ("--method.name=gse",), "optim/aggregators/projection.py (_gse: two weight vectors); step.py runs both updates",
-        ZERO3_PER_TASK),
+        ),
     "a_pcgrad": MethodSpec(
         "A-PCGrad", "seeds: PCGrad + annealed sampling (Stickland & Murray 2019)",
         ("--method.name=pcgrad", "--train.schedule=annealed"), "data/sampler.py (annealed_alpha) + pcgrad",
-        "ZeRO-3 (a step leaves tasks out)", budget=lambda s: ["--train.epochs=3", f"--train.epoch_steps={s}"]),
+        budget=lambda s: ["--train.epochs=3", f"--train.epoch_steps={s}"]),
     "v_pcgrad": MethodSpec(
         "V-PCGrad", "seeds: PCGrad on batches drawn from the union of all tasks",
         ("--method.name=pcgrad", "--train.schedule=union"), "data/sampler.py (union, rank_slices) + pcgrad",
-        "ZeRO-3 (a step leaves tasks out)", budget=lambda s: ["--data.batch_size=96", f"--train.epoch_steps={s}"]),
+        budget=lambda s: ["--data.batch_size=96", f"--train.epoch_steps={s}"]),
     "arrp": MethodSpec(
         "ARRP", "seed 'Post-Op BERT': RR-PCGrad + extra largest-task batches (lambda, optional head-only)",
         ("--method.name=pcgrad", "--method.arrp_batches=20", "--method.arrp_freeze=all_but_head"),
         "methods/phases.py (ARRP phases); model/heads.py (head_only); step.py",
-        "schedules other than round_robin; ZeRO-3", marks=("--method.arrp_batches!=0",),
+        "schedules other than round_robin", marks=("--method.arrp_batches!=0",),
         budget=lambda s: ["--train.epochs=2", f"--train.epoch_steps={s // 2 - s // 8}",
                           f"--method.arrp_batches={3 * s // 8}", "--method.arrp_weight=0.5",
                           "--method.arrp_freeze=none"]),
     "pairwise": MethodSpec(
         "pairwise", "seed 'MiniBERT: Training Jointly': task pairs in turn",
         ("--method.pairwise=true",), "methods/phases.py (pair phases)",
-        "schedules other than round_robin; ZeRO-3 (a step leaves a task out)",
+        "schedules other than round_robin",
         budget=lambda s: [f"--train.epoch_steps={3 * s // 2}"]),
     "smart": MethodSpec(
         "SMART", "Jiang et al. 2020 (seeds: SMART regularisation per task)", ("--method.smart=true",),
-        "methods/smart.py (per-example noise); step.py adds it to each task loss",
-        "ZeRO-3 with per-task methods (not in the equivalence matrix)"),
+        "methods/smart.py (per-example noise); step.py adds it to each task loss"),
     "sequential": MethodSpec(
         "sequential", "seeds' forgetting baseline: one task after another", ("--train.schedule=sequential",),
-        "methods/phases.py (one phase per task)", "ZeRO-3 (a step leaves the other tasks out)"),
+        "methods/phases.py (one phase per task)"),
     "sharing": MethodSpec(
         "sharing F2-S2-I2", "seeds: hard parameter sharing (frozen / shared / per-task layers)",
         ("--model.sharing=F2-S2-I2",), "model/heads.py (MultitaskModel task_layers); optim/gradients.py "
-        "(per-task layers are private rows)", "ZeRO-3 with per-task methods (not in the equivalence matrix)"),
+        "(per-task layers are private rows)"),
     # -- beyond the seeds: the multi-task gradient methods (per-task path, weights from the Gram) --
     "pcgrad_layer": MethodSpec(
         "per-layer PCGrad", "Yu et al. 2020, per parameter block (one Gram per encoder layer)",
         ("--method.name=pcgrad", "--method.gram_blocks=layer"),
         "optim/gradients.py (block_ranges, block_gram: [L, K, K] in one collective); optim/aggregators/base.py "
-        "(per_block)", FAMILY_REFUSES),
+        "(per_block)"),
     "mgda": MethodSpec(
         "MGDA", "Sener & Koltun 2018: min-norm point of the convex hull (exact for any K: an NNLS)",
-        ("--method.name=mgda",), "optim/aggregators/min_norm.py (mgda_weights)", FAMILY_REFUSES),
+        ("--method.name=mgda",), "optim/aggregators/min_norm.py (mgda_weights)"),
     "cagrad": MethodSpec(
         "CAGrad", "Liu et al. 2021: conflict-averse gradient (c = method.cagrad_c)",
         ("--method.name=cagrad",), "optim/aggregators/min_norm.py (cagrad_weights: the inner problem solved exactly over the faces of the hull)",
-        FAMILY_REFUSES),
+        ),
     "imtl_g": MethodSpec(
         "IMTL-G", "Liu et al. 2021: equal projections on every unit task gradient (closed form)",
-        ("--method.name=imtl_g",), "optim/aggregators/closed_form.py", FAMILY_REFUSES),
+        ("--method.name=imtl_g",), "optim/aggregators/closed_form.py"),
     "aligned_mtl": MethodSpec(
         "Aligned-MTL", "Senushkin et al. 2023: aligned singular values (eigendecomposition of the Gram)",
-        ("--method.name=aligned_mtl",), "optim/aggregators/closed_form.py", FAMILY_REFUSES),
+        ("--method.name=aligned_mtl",), "optim/aggregators/closed_form.py"),
     "upgrad": MethodSpec(
         "UPGrad", "Quinton & Rey 2024 (torchjd): mean of the projections onto the dual cone",
-        ("--method.name=upgrad",), "optim/aggregators/min_norm.py (NNLS per task)", FAMILY_REFUSES),
+        ("--method.name=upgrad",), "optim/aggregators/min_norm.py (NNLS per task)"),
     "dualproj": MethodSpec(
         "DualProj", "Quinton & Rey 2024 (torchjd): the mean gradient projected onto the dual cone",
-        ("--method.name=dualproj",), "optim/aggregators/min_norm.py", FAMILY_REFUSES),
+        ("--method.name=dualproj",), "optim/aggregators/min_norm.py"),
     "nash_mtl": MethodSpec(
         "Nash-MTL", "Navon et al. 2022: Nash bargaining weights (M a = 1/a; state: the warm start)",
         ("--method.name=nash_mtl",), "optim/aggregators/nash.py (Newton on the convex potential)",
-        FAMILY_REFUSES + "; method.gram_blocks=layer"),
+        "method.gram_blocks=layer (one bargaining problem per step)"),
     "gradvac": MethodSpec(
         "GradVac", "Wang et al. 2021: gradient vaccine (EMA cosine targets per task pair; state)",
         ("--method.name=gradvac",), "optim/aggregators/projection.py (_gradvac; targets [L, K, K] in the state)",
-        FAMILY_REFUSES),
+        ),
     # -- loss weighting: no per-task gradients, the summed path --
     "rlw": MethodSpec(
         "RLW", "Lin et al. 2022: random loss weights, softmax of N(0, I) per step",
-        ("--method.name=rlw",), "optim/loss_weighting.py", WEIGHTING_REFUSES),
+        ("--method.name=rlw",), "optim/loss_weighting.py"),
     "uw": MethodSpec(
         "UW", "Kendall et al. 2018: uncertainty weighting (learnable log-variances)",
-        ("--method.name=uw",), "optim/loss_weighting.py; model/heads.py (loss_log_vars)", WEIGHTING_REFUSES),
+        ("--method.name=uw",), "optim/loss_weighting.py; model/heads.py (loss_log_vars)"),
     "dwa": MethodSpec(
         "DWA", "Liu et al. 2019: dynamic weight average (loss ratios of the last two windows; state)",
-        ("--method.name=dwa",), "optim/loss_weighting.py", WEIGHTING_REFUSES,
+        ("--method.name=dwa",), "optim/loss_weighting.py",
         budget=lambda s: [f"--train.epoch_steps={s}", f"--method.dwa_window={max(1, s // 6)}"]),
     "famo": MethodSpec(
         "FAMO", "Liu et al. 2023: fast adaptive multitask optimisation (task logits; state)",
         ("--method.name=famo",), "optim/loss_weighting.py; step.py (_losses_after_update)",
-        WEIGHTING_REFUSES + "; method.smart"),
+        "method.smart (FAMO re-evaluates the plain task losses)"),
     "ensemble": MethodSpec(
         "ensemble (PCGrad + per-task fine-tune)", "seeds: per-task fine-tunes of a joint model, ensembled",
         (), "methods/ensemble.py (python -m mtbert.methods.ensemble RUN_DIR)", compare=False, preset=False, marks=()),
