@@ -79,16 +79,16 @@ NO_DROPOUT = ["--model.dropout=0", "--heads.sst.dropout=0", "--heads.quora.dropo
 
 @pytest.fixture(scope="session")
 def launched(tiny_ckpt, tmp_path_factory):
-    """case (tests/equivalence_design.py: a matrix case or a refusal) -> (CaseResult, its run
+    """case (tests/equivalence_design.py: a matrix case, a refusal or a fault) -> (CaseResult, its run
     directory). The first request for a (config, processes) pair launches every case of that
     pair in one launch (tests/harness.py); later requests read the results."""
     import equivalence_design as design
     from harness import Case, run_group
     root, groups = tmp_path_factory.mktemp("launched"), {}
-    everything = design.equivalence_cases() + design.REFUSALS
+    everything = design.equivalence_cases() + design.REFUSALS + design.FAULTS
 
     def args(case: dict, run: Path) -> list[str]:
-        if "field" in case:  # a refusal: the overrides as a user would type them
+        if "field" in case or "name" in case:  # a refusal or a fault: the overrides as a user would type them
             return tiny_args(tiny_ckpt, run, *case["args"])
         return tiny_args(tiny_ckpt, run, *design.case_args(case),
                          f"--data.batch_size={design.GLOBAL_BATCH // case['ranks']}")
@@ -98,7 +98,8 @@ def launched(tiny_ckpt, tmp_path_factory):
         folder = root / f"{key[0].removesuffix('.yaml')}-{key[1]}"
         if key not in groups:
             members = [c for c in everything if design.launch_key(c) == key]
-            cases = [Case(design.case_label(c), args(c, folder / design.case_label(c))) for c in members]
+            cases = [Case(design.case_label(c), args(c, folder / design.case_label(c)),
+                          {k: c[k] for k in ("nan_calls", "nan_ranks") if k in c}) for c in members]
             groups[key] = run_group(*key, cases, folder / "results")
         label = design.case_label(case)
         return groups[key][label], folder / label

@@ -194,6 +194,17 @@ REFUSALS: list[dict] = [
     {"engine": "zero2", "ranks": 2, "args": ("--train.idle_params=keep",), "field": "train.idle_params"},
     {"engine": "zero3", "ranks": 2, "args": ("--train.ema_decay=0.5",), "field": "train.ema_decay"}]
 
+# Faults injected into runs of the launch groups (tests/test_reliability.py checks them): NaN task
+# losses on rank 0 only under ZeRO-2, once (steps skipped and counted) and from a step on (the run
+# stops after train.max_bad_steps with its last good checkpoint), summed and per-task paths.
+FAULTS: list[dict] = [
+    {"name": f"nan-{when}-{method}", "engine": "zero2", "ranks": 2, "nan_calls": calls, "nan_ranks": "0",
+     "args": (f"--method.name={method}", "--data.batch_size=4", *more)}
+    for method in ("sum", "pcgrad")
+    for when, calls, more in (("once", "7,8,9", ()), ("always", "13-", ("--train.epoch_steps=12",
+                                                                         "--train.checkpoint_every=4",
+                                                                         "--train.max_bad_steps=3")))]
+
 ENGINE_CONFIG = {"ddp": "cpu_2proc.yaml", "zero1": "zero1.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml"}
 SHORT = {"phases": None, "smart": "smart", "sharing": "sharing", "train_tasks": "tt", "ema": "ema", "blocks": "layer"}
 
@@ -201,6 +212,8 @@ SHORT = {"phases": None, "smart": "smart", "sharing": "sharing", "train_tasks": 
 def case_label(case: dict) -> str:
     """A unique, readable id: method, schedule, accumulation, reducer, engine, precision, ranks,
     then the options that are on and whatever the case sets besides the factors."""
+    if "name" in case:
+        return f"fault-{case['name']}"
     if "field" in case:
         return "refused-" + case["engine"] + "".join(f"-{a.split('.', 1)[-1]}" for a in case["args"])
     label = "-".join(str(case[k]) for k in ("method", "schedule", "grad_accum", "reducer", "engine", "precision",

@@ -29,6 +29,7 @@ LAUNCHES: list[dict] = []  # every launch of this test run: config, processes, c
 class Case:
     id: str
     args: list[str]
+    fault: dict = field(default_factory=dict)  # run_cases.py's fault injection (nan_calls, nan_ranks)
 
 
 @dataclass
@@ -52,7 +53,8 @@ def _free_port() -> int:
 
 def _launch(config: str, processes: int, cases: list[Case], folder: Path, timeout: float):
     plan = folder / f"plan-{len(list(folder.glob('plan-*.json')))}.json"
-    plan.write_text(json.dumps({"results": str(folder), "cases": [c.__dict__ for c in cases]}))
+    plan.write_text(json.dumps({"results": str(folder), "cases": [{"id": c.id, "args": c.args, **c.fault}
+                                                                   for c in cases]}))
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
            str(ROOT / "accelerate_configs" / config), "--main_process_port", str(_free_port()),
            "--num_processes", str(processes), str(WORKER), str(plan)]

@@ -326,33 +326,23 @@ def test_fuzzed_real_files_fail_cleanly_or_load_every_good_row(data_dir, tmp_pat
             f"seed {seed} trial {trial}: {report.summary()} does not account for {len(data_lines)} lines"
 
 
-def _launch_with_nan(config, run, calls, tiny_ckpt, *extra, ranks=""):
-    """accelerate launch of tests/helpers/nan_train.py: the trainer with NaN losses injected."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "MTBERT_TEST_NAN_CALLS": calls, "MTBERT_TEST_NAN_RANKS": ranks}
-    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
-           str(ROOT / "accelerate_configs" / config), "--main_process_port", str(free_port()),
-           str(ROOT / "tests" / "helpers" / "nan_train.py"), *tiny_args(tiny_ckpt, run, "--data.batch_size=4", *extra)]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.dist
 @pytest.mark.parametrize("method", ["sum", "pcgrad"])
-def test_deepspeed_nan_steps_are_skipped_counted_and_stop_the_run(tiny_ckpt, tmp_path, method):
-    """ZeRO-2, NaN loss on rank 0 only: the engine (summed) or the all-reduced Gram (per task)
-    skips the step on every rank, the step is counted, and persistent NaN stops the run with
-    the last good checkpoint (issue: DeepSpeed steps were never counted as skipped)."""
-    run = tmp_path / "once"
-    result = _launch_with_nan("zero2.yaml", run, "7,8,9", tiny_ckpt, f"--method.name={method}", ranks="0")
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+def test_deepspeed_nan_steps_are_skipped_counted_and_stop_the_run(launched, method):
+    """ZeRO-2, NaN loss on rank 0 only (run in the ZeRO-2 launch group, tests/equivalence_design.py
+    FAULTS): the engine (summed) or the all-reduced Gram (per task) skips the step on every rank,
+    the step is counted, and persistent NaN stops the run with the last good checkpoint (issue:
+    DeepSpeed steps were never counted as skipped)."""
+    from equivalence_design import FAULTS
+    faults = {f["name"]: f for f in FAULTS}
+    result, run = launched(faults[f"nan-once-{method}"])
+    assert result.code == 0, result.log[-3000:]
     train = [r for r in read_metrics(run) if r["split"] == "train"]
     assert sum(r["skipped"] for r in train) == 1
     assert all(torch.isfinite(v).all() for v in load_weights(run / "final").values())
     assert json.loads((run / "summary.json").read_text())["params_agree_across_ranks"] is True
-    run = tmp_path / "always"
-    result = _launch_with_nan("zero2.yaml", run, "13-", tiny_ckpt, f"--method.name={method}", "--train.epoch_steps=12",
-                              "--train.checkpoint_every=4", "--train.max_bad_steps=3", ranks="0")
-    assert "3 steps in a row had a non-finite loss" in result.stdout + result.stderr, result.stderr[-3000:]
+    result, run = launched(faults[f"nan-always-{method}"])
+    assert result.code == 3 and "3 steps in a row had a non-finite loss" in result.log, result.log[-3000:]
     assert not (run / "summary.json").exists()
     last = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
     assert last == 4

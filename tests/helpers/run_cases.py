@@ -3,7 +3,10 @@
     accelerate launch --config_file accelerate_configs/<engine>.yaml [--num_processes N] \\
         tests/helpers/run_cases.py PLAN.json
 
-PLAN.json: ``{"results": DIR, "cases": [{"id": str, "args": [trainer overrides...]}, ...]}``.
+PLAN.json: ``{"results": DIR, "cases": [{"id": str, "args": [trainer overrides...]}, ...]}``; a case
+may inject a fault: ``"nan_calls"`` makes the task loss NaN on those loss calls of the case
+(1-based, per process: "7,8,9", or "13-" for every call from the 13th on), on the ranks in
+``"nan_ranks"`` ("0,1"; empty: all).
 Why: a launched run costs ~10 s of start-up (interpreters, imports, the launcher, DeepSpeed's
 set-up) and ~0.3 s of training on the tiny test model; the equivalence matrix runs ~100 cases.
 
@@ -44,10 +47,34 @@ def reset_accelerate() -> None:
     PartialState._reset_state()
 
 
+@contextlib.contextmanager
+def nan_losses(calls: str, ranks: str, rank: int):
+    """The task loss is NaN on the listed loss calls of this case (a fault injected by the test)."""
+    from mtbert.model.heads import TaskHead
+    real, count = TaskHead.loss, {"n": 0}
+
+    def hit(n: int) -> bool:
+        if ranks and str(rank) not in ranks.split(","):
+            return False
+        return n >= int(calls[:-1]) if calls.endswith("-") else n in {int(x) for x in calls.split(",")}
+
+    def loss(self, out, y):
+        count["n"] += 1
+        value = real(self, out, y)
+        return value * float("nan") if hit(count["n"]) else value
+    TaskHead.loss = loss
+    try:
+        yield
+    finally:
+        TaskHead.loss = real
+
+
 def run_case(case: dict, results: Path, rank: int) -> None:
     log = results / f"{case['id']}.rank{rank}.log"
     start = time.time()
-    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    fault = nan_losses(case["nan_calls"], case.get("nan_ranks", ""), rank) if case.get("nan_calls") else \
+        contextlib.nullcontext()
+    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), fault:
         reset_accelerate()
         code, run = train.train(case["args"])
         if run is not None:
