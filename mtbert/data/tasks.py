@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.stats import pearsonr
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,8 @@ class TaskSpec:
         """{'acc': ...} for classification, {'pearson': ...} for regression, plus 'score' in [0, 1]."""
         p, g = np.asarray(preds, dtype=float), np.asarray(golds, dtype=float)
         if self.kind == "pair_regression":
-            r = float(pearsonr(p, g)[0]) if len(p) > 1 and p.std() > 0 and g.std() > 0 else 0.0
+            # numpy, not scipy.stats.pearsonr: importing scipy.stats costs 0.6 s per process start
+            r = float(np.corrcoef(p, g)[0, 1]) if len(p) > 1 and p.std() > 0 and g.std() > 0 else 0.0
             return {"pearson": r, "score": (r + 1) / 2}
         acc = float((p == g).mean()) if len(p) else 0.0
         return {"acc": acc, "score": acc}
