@@ -36,30 +36,40 @@ def make_accelerator(cfg):
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         _refuse_fsdp(cuda)
     precision = cfg.train.precision if cfg.train.precision != "auto" else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if precision == "fp16" and not cuda:
-        raise ConfigError("train.precision: fp16 needs a GPU (Accelerate silently runs fp32 on CPU); use bf16 or no")
-    per_task = is_per_task(cfg.method.name)
     if deepspeed and cfg.train.idle_params == "keep":
         raise ConfigError("train.idle_params=keep: DeepSpeed's ZeRO optimizers step every parameter (a zero "
                           "gradient still moves AdamW's moments); use step or auto under DeepSpeed")
     if cfg.train.idle_params == "auto":
         cfg.train.idle_params = "step" if deepspeed else "keep"
-    if deepspeed and per_task and precision == "fp16":
-        raise ConfigError("train.precision=fp16 with per-task methods under DeepSpeed is not supported; use bf16")
-    # Per-task fp16 is scaled by optim/loss_scaler.LossScaler, so Accelerate must not add its own GradScaler.
-    own_fp16 = per_task and precision == "fp16"
-    # Under DDP a step that leaves some head or layer unused needs find_unused_parameters.
+    # fp16 is mtbert's on every device and engine (docs/fp16.md): torch.autocast(float16) with fp32
+    # weights and mtbert's dynamic loss scale (optim/loss_scaler.py), whose overflow decision comes
+    # from all-reduced values (the Gram diagonal, the global gradient norm), so every rank skips
+    # the same steps. Accelerate is told "no": its GradScaler (GPU only; on CPU it silently runs
+    # fp32) cannot see the per-task rows, and DeepSpeed's fp16 engine holds fp16 weights.
+    fp16 = precision == "fp16"
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=leaves_parameters_idle(cfg))]
     if not cuda and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))  # else DeepSpeed on CPU asks for NCCL/oneCCL
-    accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="no" if own_fp16 else precision,
+    accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="no" if fp16 else precision,
                       kwargs_handlers=handlers, log_with="wandb" if cfg.log.wandb else None,
                       gradient_accumulation_steps=1,  # mtbert accumulates itself (engines/)
                       step_scheduler_with_optimizer=False)  # else it steps N times per step on N processes
+    if fp16 and deepspeed:
+        _refuse_deepspeed_fp16(accelerator.state.deepspeed_plugin.deepspeed_config)
     if zero_stage(accelerator) == 3:
         _refuse_unproved_zero3(cfg, accelerator.state.deepspeed_plugin.deepspeed_config)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if own_fp16 else None
-    return accelerator, autocast, LossScaler() if own_fp16 else None
+    device = accelerator.device.type
+    autocast = (lambda: torch.autocast(device, dtype=torch.float16)) if fp16 else None
+    return accelerator, autocast, LossScaler(cfg.train.fp16_loss_scale) if fp16 else None
+
+
+def _refuse_deepspeed_fp16(ds_config: dict) -> None:
+    """Under DeepSpeed, fp16 runs as mtbert's autocast + loss scale over an fp32 engine; a
+    DeepSpeed config that turns DeepSpeed's own fp16 engine on would scale twice."""
+    enabled = (ds_config.get("fp16") or {}).get("enabled", "auto")
+    if enabled is True or str(enabled).lower() == "true":
+        raise ConfigError('train.precision=fp16: the DeepSpeed config sets "fp16": {"enabled": true}; mtbert runs '
+                          'fp16 itself (autocast and its own loss scale over fp32 weights): set it to "auto"')
 
 
 def leaves_parameters_idle(cfg) -> bool:

@@ -175,8 +175,11 @@ class TrainCfg:
     still applies momentum and weight decay), `auto` = `step` under DeepSpeed (its flat ZeRO
     optimizers always step every parameter; `keep` is refused there) and `keep` elsewhere."""
     precision: str = "auto"
-    """`auto` (from the accelerate config / launch flags), `no` (fp32), `bf16` or `fp16` (GPU only:
-    Accelerate silently ignores fp16 on CPU)."""
+    """`auto` (from the accelerate config / launch flags), `no` (fp32), `bf16`, or `fp16`: fp16
+    autocast over fp32 weights with mtbert's dynamic loss scale, on every device and engine (a step
+    whose gradients overflow is skipped and the scale halved; docs/fp16.md)."""
+    fp16_loss_scale: float = 65536.0
+    """fp16's initial loss scale (halved at every overflow, doubled after 2000 good steps in a row)."""
     ema_decay: float = 0.0
     """Evaluate, keep as best, save as final and predict with an exponential moving average of
     the weights, this decay per optimizer step (warmed up: min(decay, (1+t)/(10+t))); the

@@ -119,6 +119,7 @@ class Stepper:
 
     def _summed_step(self, step, micro_batches, phase):
         n, spec = len(micro_batches), LOSS_WEIGHTINGS[self.cfg.method.name]
+        scale = self.scaler.scale if self.scaler else 1.0  # fp16: the engine scales and unscales
         generator = seeded_generator(self.cfg.train.seed, step)  # RLW's draws: the same on every rank
         losses = {}
         for i, mb in enumerate(micro_batches):
@@ -134,13 +135,16 @@ class Stepper:
             inputs = WeightingInputs(self._task_index(names), generator, self.cfg.method,
                                      lambda: self._global_losses([parts[t].detach() for t in names]), log_vars)
             total = spec.combine([parts[t] for t in names], inputs, self.method_state)
-            self.engine.backward(total / n, last=i == n - 1)
+            self.engine.backward(total / n, last=i == n - 1, scale=scale)
             for t, v in parts.items():
                 losses[t] = losses.get(t, 0) + v.detach() / n
         stats = {f"loss/{t}": v for t, v in losses.items()}
         self.engine.clear_frozen(self._head_only(phase))
-        stats["grad_norm"], applied = self.engine.step(per_task=False)
+        stats["grad_norm"], applied = self.engine.step(per_task=False, scale=scale)
         stats["skipped"] = not applied
+        if self.scaler:  # a non-finite global norm (identical on every rank): halve the scale
+            stats["loss_scale"] = scale
+            self.scaler.update(not applied)
         if spec.after_step and applied:
             names = [t for t in self.tasks if t in losses]
             after = self._losses_after_update(micro_batches, phase, names) if spec.reevaluate else None
@@ -190,7 +194,9 @@ class Stepper:
         stats["comm_bytes"] = moved
         finite = bool(torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all())  # identical on every rank
         if self.scaler:
-            self.scaler.update(not finite)
+            stats["loss_scale"] = self.scaler.scale
+            if not finite:
+                self.scaler.update(True)
         if not finite:
             self.engine.skip()
             stats["skipped"], stats["grad_norm"] = True, torch.tensor(float("nan"))
@@ -207,6 +213,8 @@ class Stepper:
             stats["grad_norm"], applied = self.engine.apply_update(self.buffers, present, self._head_only(phase),
                                                                    last=j == len(updates) - 1)
             stats["skipped"] = not applied
+        if self.scaler:  # a head's gradient (not in the Gram) can overflow too: the global norm says so
+            self.scaler.update(not applied)
         return stats
 
     def _per_task_gradients(self, step, micro_batches, phase, present) -> dict:

@@ -35,7 +35,7 @@ FACTORS: dict[str, tuple] = {
     "grad_accum": (1, 2),
     "reducer": ("allreduce", "sharded"),
     "engine": ("ddp", "zero1", "zero2", "zero3"),
-    "precision": ("no", "bf16"),
+    "precision": ("no", "bf16", "fp16"),
     "ranks": (2, 3),
 }
 DEFAULT = {f: levels[0] for f, levels in FACTORS.items()}
@@ -59,6 +59,8 @@ LEVEL_ARGS: dict[tuple[str, object], list[str]] = {
     ("train_tasks", "two"): ["--train.train_tasks=sst,quora"],
     ("ema", "on"): ["--train.ema_decay=0.5"],
     ("blocks", "layer"): ["--method.gram_blocks=layer"],
+    # fp16: the first step overflows at this scale on the tiny model (skipped, scale halved), the next ones do not
+    ("precision", "fp16"): ["--train.fp16_loss_scale=8192"],
 }
 
 # Pairs of levels no valid configuration holds, with the reason (checked against the code).
@@ -112,7 +114,7 @@ def cost(case: dict) -> float:
     with ~1 ms gloo collectives, 3 ranks share 2 cores, bf16 has no native CPU kernels."""
     c = {"ddp": 0.6, "zero1": 0.8, "zero2": 0.8, "zero3": 2.5}[case["engine"]]
     c *= 1.8 if case["ranks"] == 3 else 1.0
-    c *= 1.6 if case["precision"] == "bf16" else 1.0
+    c *= 1.6 if case["precision"] != "no" else 1.0
     c *= 1.5 if case["smart"] == "on" else 1.0
     return c * (1.3 if case["grad_accum"] == 2 else 1.0)
 

@@ -134,25 +134,21 @@ def test_gse_second_update_gets_the_unclipped_head_gradients():
     assert head.grad is not None and torch.all(head.grad == 10.0)  # unclipped for the second update
 
 
-def test_fp16_summed_path_skips_an_overflow_step_and_keeps_stepping(monkeypatch):
-    """Accelerate's GradScaler (real, on CPU) under the summed path: an inf gradient skips the
-    update and halves the scale, and the next step works (it raised in unscale_ before)."""
+def test_fp16_summed_path_scales_unscales_and_skips_an_overflow_step():
+    """mtbert's fp16 on the summed path (any device): the engine back-propagates loss x scale,
+    divides the gradients by the scale before the norm and the clipping, and skips a step whose
+    norm is not finite; the next step works and sees the true gradient."""
     from accelerate import Accelerator
-    from accelerate.optimizer import AcceleratedOptimizer
     acc = Accelerator(cpu=True)
-    # What Accelerator(mixed_precision="fp16") sets up on a GPU (on CPU it silently stays fp32).
-    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
-    acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     w = torch.nn.Parameter(torch.ones(3))
-    opt = AcceleratedOptimizer(torch.optim.SGD([w], lr=0.1), device_placement=False, scaler=acc.scaler)
-    acc._optimizers.append(opt)
     sched = Counter()
-    engine = TorchEngine(acc, torch.nn.Identity(), opt, sched, [w], 1.0, "keep", per_task=False)
-    engine.backward((w * float("inf")).sum(), last=True)
-    norm, applied = engine.step(per_task=False)
-    assert not applied and not torch.isfinite(norm) and torch.equal(w.detach(), torch.ones(3))
-    assert acc.scaler.get_scale() == 2.0 ** 9 and sched.n == 1
-    engine.backward(w.sum(), last=True)
-    norm, applied = engine.step(per_task=False)
-    assert applied and float(norm) == pytest.approx(3 ** 0.5) and sched.n == 2
-    assert torch.allclose(w.detach(), torch.full((3,), 1 - 0.1 / 3 ** 0.5))
+    engine = TorchEngine(acc, torch.nn.Identity(), torch.optim.SGD([w], lr=0.1), sched, [w], 1.0, "keep",
+                         per_task=False)
+    engine.backward((w * float("inf")).sum(), last=True, scale=2.0 ** 10)
+    norm, applied = engine.step(per_task=False, scale=2.0 ** 10)
+    assert not applied and not torch.isfinite(norm) and torch.equal(w.detach(), torch.ones(3)) and sched.n == 1
+    engine.backward(w.sum() * 0.5, last=True, scale=2.0 ** 10)
+    assert torch.equal(w.grad, torch.full((3,), 2.0 ** 9))  # scaled while it waits for the step
+    norm, applied = engine.step(per_task=False, scale=2.0 ** 10)
+    assert applied and float(norm) == pytest.approx(0.5 * 3 ** 0.5) and sched.n == 2
+    assert torch.allclose(w.detach(), torch.full((3,), 1 - 0.1 * 0.5))

@@ -111,11 +111,14 @@ class Fsdp2Engine(TorchEngine):
     attach_rows = False
     forward_through_wrapper = True  # the fully_shard'ed module is the model: its hooks gather
 
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        loss.backward()  # FSDP2 reduce-scatters every micro-batch; the DTensor grads accumulate
+    def backward(self, loss: torch.Tensor, last: bool, scale: float = 1.0) -> None:
+        (loss * scale if scale != 1.0 else loss).backward()  # FSDP2 reduce-scatters; the DTensor grads accumulate
 
-    def step(self, per_task: bool, schedule: bool = True):
+    def step(self, per_task: bool, schedule: bool = True, scale: float = 1.0):
         with_grad = [p for p in self.params if p.grad is not None]
+        if scale != 1.0:
+            for p in with_grad:
+                p.grad.div_(scale)
         if self.idle == "step":
             for p in self.params:
                 if p.grad is None:

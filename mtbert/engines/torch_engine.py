@@ -15,37 +15,32 @@ class TorchEngine:
                  per_task: bool):
         self.accelerator, self.model, self.sched, self.params = accelerator, model, scheduler, params
         self.clip, self.idle = clip or math.inf, idle
-        # The per-task path unscales and clips itself, so it steps the bare torch optimizer
-        # (Accelerate's wrapper would unscale a second time under fp16).
-        self.opt = getattr(optimizer, "optimizer", optimizer) if per_task else optimizer
+        # mtbert unscales and clips itself (fp16 included), so it steps the bare torch optimizer.
+        self.opt = getattr(optimizer, "optimizer", optimizer)
 
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        """One micro-batch of the summed path; DDP all-reduces only on the last one."""
+    def backward(self, loss: torch.Tensor, last: bool, scale: float = 1.0) -> None:
+        """One micro-batch of the summed path (``scale``: fp16's loss scale); DDP all-reduces
+        only on the last one."""
         sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
         with sync:
-            self.accelerator.backward(loss)
+            self.accelerator.backward(loss * scale if scale != 1.0 else loss)
 
-    def step(self, per_task: bool, schedule: bool = True) -> tuple[torch.Tensor, bool]:
-        """Clip, step unless the norm is not finite, zero; the LR scheduler steps once per
-        mtbert step (``schedule=False`` for GSE's first update). -> (pre-clip norm, applied)."""
+    def step(self, per_task: bool, schedule: bool = True, scale: float = 1.0) -> tuple[torch.Tensor, bool]:
+        """Unscale (fp16's summed path), clip, step unless the norm is not finite, zero; the LR
+        scheduler steps once per mtbert step (``schedule=False`` for GSE's first update).
+        -> (pre-clip norm, applied)."""
         if self.idle == "step":  # ("auto" outside a launch = keep)
             for p in self.params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
         with_grad = [p for p in self.params if p.grad is not None]
-        if per_task:
-            norm = torch.nn.utils.clip_grad_norm_(with_grad, self.clip, foreach=True)
-        else:
-            norm = self.accelerator.clip_grad_norm_(with_grad, self.clip)
-        norm = torch.as_tensor(float("nan") if norm is None else norm)
+        if scale != 1.0 and with_grad:  # (the per-task path unscales its rows itself)
+            torch._foreach_div_([p.grad for p in with_grad], scale)
+        # the global norm: DDP's gradients are already averaged, so torch's is the same on every rank
+        norm = torch.nn.utils.clip_grad_norm_(with_grad, self.clip, foreach=True)
         applied = bool(torch.isfinite(norm))  # the step's one host sync
-        # fp16 on the summed path: Accelerate's GradScaler unscaled the gradients in the clip
-        # above; it must see every step (it skips a non-finite one itself and lowers its scale),
-        # else its next unscale_ raises "already been called since the last update()".
-        scaled = not per_task and getattr(self.accelerator, "scaler", None) is not None
-        if applied or scaled:
+        if applied:
             self.opt.step()
-            applied = applied and not (scaled and self.opt.step_was_skipped)
         self.opt.zero_grad(set_to_none=True)
         if schedule:
             self.sched.step()

@@ -14,15 +14,25 @@ class DeepSpeedEngine:
         # Accelerate hands DeepSpeed only its own scheduler classes; ours (a LambdaLR) stays
         # outside the engine, so we step it once per mtbert step, applied or skipped alike.
         assert self.engine.lr_scheduler is None, "mtbert steps its LR scheduler itself"
-        self.sched, self.params = scheduler, params
+        self.sched, self.params, self.scaled = scheduler, params, False
 
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
+    def backward(self, loss: torch.Tensor, last: bool, scale: float = 1.0) -> None:
+        self._loss_scale(scale)
         self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss)
 
-    def step(self, per_task: bool, schedule: bool = True) -> tuple[torch.Tensor, bool]:
-        """Clipping and the optimizer step happen inside ``engine.step`` (ZeRO clips on its
-        partitions and skips a step whose norm is not finite). -> (pre-clip norm, applied)."""
+    def _loss_scale(self, scale: float) -> None:
+        """fp16 (mtbert's: autocast over this fp32 engine): the ZeRO optimizer's own external loss
+        scale (``override_loss_scale``, stage_1_and_2.py / stage3.py) multiplies the loss in
+        ``backward`` and divides the gradients in ``step`` before the norm, the clipping and the
+        non-finite check. Left alone (DeepSpeed's default) unless fp16 ever asked for it."""
+        if scale != 1.0 or self.scaled:
+            self.engine.optimizer.override_loss_scale(float(scale))
+            self.scaled = True
+
+    def step(self, per_task: bool, schedule: bool = True, scale: float = 1.0) -> tuple[torch.Tensor, bool]:
+        """Clipping and the optimizer step happen inside ``engine.step`` (ZeRO unscales, clips on
+        its partitions and skips a step whose norm is not finite). -> (pre-clip norm, applied)."""
         self.engine.step()
         applied = bool(self.engine.was_step_applied())
         norm = self.engine.get_global_grad_norm()
@@ -33,6 +43,7 @@ class DeepSpeedEngine:
 
     def hand_over(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], schedule: bool = True):
         """Give the engine gradient g for each (parameter, g) and step. -> (norm, applied)."""
+        self._loss_scale(1.0)  # g is unscaled already (fp16: the rows were)
         self.engine.set_gradient_accumulation_boundary(True)
         surrogate = torch.stack([(p * g.to(p.dtype)).float().sum() for p, g in pairs]).sum()
         self.engine.backward(surrogate)

@@ -130,8 +130,8 @@ class Zero3Engine(DeepSpeedEngine):
     attach_rows = False
     forward_through_wrapper = True  # the engine's forward runs ZeRO-3's gather and accounting hooks
 
-    def step(self, per_task: bool, schedule: bool = True):
-        result = super().step(per_task, schedule)
+    def step(self, per_task: bool, schedule: bool = True, scale: float = 1.0):
+        result = super().step(per_task, schedule, scale)
         self.clear_partitions()
         return result
 
@@ -153,6 +153,7 @@ class Zero3Engine(DeepSpeedEngine):
         return GramOnlyReducer(collectives, flat.numel() * flat.element_size())
 
     def task_backward(self, buffers: PartitionRows, task: str, loss: torch.Tensor) -> None:
+        self._loss_scale(1.0)  # fp16: ``loss`` carries mtbert's scale; the rows are unscaled in step.py
         self.engine.set_gradient_accumulation_boundary(False)  # no step: mtbert steps once, after all tasks
         self.engine.backward(loss)  # reduce-scatter: this rank's partition of the averaged gradient
         buffers.capture(task)
@@ -162,6 +163,7 @@ class Zero3Engine(DeepSpeedEngine):
         # process with idle_params=step (the update of all-zero rows can be NaN for a method
         # undefined on a zero Gram, e.g. Nash-MTL; one process discards it too).
         buffers.hand_back(present, shared=head_only is None)
+        self._loss_scale(1.0)  # the handed-back gradients are unscaled
         self.engine.optimizer.independent_gradient_partition_epilogue()  # averaged_gradients -> the buffer
         self.engine.set_gradient_accumulation_boundary(True)
         return self.step(per_task=True, schedule=last)
