@@ -188,7 +188,11 @@ EXTRA: list[dict] = [
     extra(method="pcgrad", schedule="proportional", grad_accum=2, idle="step"),
     extra(method="pcgrad", engine="zero2", args=("--train.layer_lr_decay=0.5", "--train.head_lr=3e-3")),
     extra(method="pcgrad", engine="zero3", reducer="sharded", args=("--train.layer_lr_decay=0.5",
-                                                                     "--train.head_lr=3e-3"))]
+                                                                     "--train.head_lr=3e-3")),
+    # fp16's summed path under DeepSpeed goes through the ZeRO optimizer's external loss scale
+    # (engines/zero.py): once per ZeRO stage (the design meets zero1/zero3 x fp16 with per-task methods)
+    extra(method="sum", engine="zero1", precision="fp16", grad_accum=2),
+    extra(method="mean", engine="zero3", precision="fp16", schedule="annealed")]
 
 # Set-ups refused before any work (the launch's config decides the engine): (engine, overrides,
 # the field the message names). tests/test_distributed.py checks each in its launch group.
