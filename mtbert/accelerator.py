@@ -85,7 +85,7 @@ def _refuse_unproved_zero3(cfg, ds_config: dict) -> None:
     gradient partitions after every step (docs/zero3-idle-parameters.md); that needs the
     partitions on the device, so optimizer offload is refused with per-task methods or idle
     parameters."""
-    t, m = cfg.train, cfg.method
+    m = cfg.method
     offload = (ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
     if offload not in ("none", None) and (is_per_task(m.name) or leaves_parameters_idle(cfg)):
         raise ConfigError("zero_optimization.offload_optimizer: with per-task methods or steps that leave parameters "
@@ -93,10 +93,6 @@ def _refuse_unproved_zero3(cfg, ds_config: dict) -> None:
                           "which optimizer offload bypasses at the accumulation boundary for the parameters a step "
                           "used (deepspeed/runtime/zero/stage3.py: partition_grads, "
                           "_offload_grad_partition_at_boundary); turn optimizer offload off")
-    if t.ema_decay:
-        raise ConfigError("train.ema_decay: under ZeRO-3 each rank holds a partition of every parameter, and the "
-                          "weight average is kept of whole parameters; use ZeRO-2 (accelerate_configs/zero2.yaml), "
-                          "DDP, or train.ema_decay=0")
 
 
 def _refuse_fsdp(cuda: bool) -> None:

@@ -168,7 +168,8 @@ def setup(cfg: Config, accelerator, autocast, scaler) -> Run:
     run = Run(cfg, accelerator, reporter, coll, specs, stepper.module, model, train, dev, test, sampler, phases,
               total, scheduler, stepper, autocast, scaler, sizes=sizes, settings=settings)
     if cfg.train.ema_decay:  # registered before the resume: load_state restores it
-        run.average = WeightAverage(run.module, cfg.train.ema_decay)
+        partitioned = zero_stage(accelerator) == 3  # each rank averages its partitions
+        run.average = WeightAverage(run.module, cfg.train.ema_decay, coll if partitioned else None)
         accelerator.register_for_checkpointing(run.average)
     resume_run(run, chosen)
     process.connect(accelerator)  # SIGTERM / SIGUSR1 -> checkpoint and exit at the next step boundary

@@ -93,16 +93,19 @@ def launched(tiny_ckpt, tmp_path_factory):
         return tiny_args(tiny_ckpt, run, *design.case_args(case),
                          f"--data.batch_size={design.GLOBAL_BATCH // case['ranks']}")
 
+    def run_of(case: dict) -> str:  # a fault case may continue another one's run directory
+        return f"fault-{case['same_run']}" if "same_run" in case else design.case_label(case)
+
     def get(case: dict):
         key = design.launch_key(case)
         folder = root / f"{key[0].removesuffix('.yaml')}-{key[1]}"
         if key not in groups:
             members = [c for c in everything if design.launch_key(c) == key]
-            cases = [Case(design.case_label(c), args(c, folder / design.case_label(c)),
-                          {k: c[k] for k in ("nan_calls", "nan_ranks") if k in c}) for c in members]
+            cases = [Case(design.case_label(c), args(c, folder / run_of(c)),
+                          {k: c[k] for k in ("nan_calls", "nan_ranks", "stop_at_step") if k in c}) for c in members]
             groups[key] = run_group(*key, cases, folder / "results")
         label = design.case_label(case)
-        return groups[key][label], folder / label
+        return groups[key][label], folder / run_of(case)
     return get
 
 

@@ -40,3 +40,20 @@ def test_pcgrad_differs_from_sum_so_the_proofs_have_teeth(tiny_ckpt, tmp_path):
                                   "--data.batch_size=8")) == 0
     assert rel_diff(load_weights(runs["pcgrad"] / "final"), load_weights(runs["sum"] / "final")) > 1000 * 1e-6
     assert max(abs(a / b - 1) for a, b in zip(_norms(runs["pcgrad"]), _norms(runs["sum"]))) > 1000 * 1e-5
+
+
+def test_deepspeed_set_ups_that_bypass_what_mtbert_reads_are_refused():
+    """Refusals that depend on the DeepSpeed config (not on a launch): ZeRO-3 optimizer offload
+    with per-task methods or idle parameters (it bypasses the gradient partitions mtbert reads and
+    clears), and DeepSpeed's own fp16 engine (mtbert runs fp16 itself: it would scale twice)."""
+    from mtbert.accelerator import _refuse_deepspeed_fp16, _refuse_unproved_zero3
+    from mtbert.config import ConfigError, parse_args
+    offload = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
+    for args in (["--method.name=pcgrad"], ["--train.schedule=annealed"]):
+        with pytest.raises(ConfigError, match="zero_optimization.offload_optimizer"):
+            _refuse_unproved_zero3(parse_args(args), offload)
+        _refuse_unproved_zero3(parse_args(args), {})
+    _refuse_unproved_zero3(parse_args(["--method.name=sum"]), offload)  # every parameter used every step
+    with pytest.raises(ConfigError, match="train.precision=fp16"):
+        _refuse_deepspeed_fp16({"fp16": {"enabled": True}})
+    _refuse_deepspeed_fp16({"fp16": {"enabled": "auto"}})

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import load_weights, read_metrics, rel_diff, run_main, tiny_args, worst_tensor
-from equivalence_design import (DEFAULT, ENGINE_CONFIG, EXCLUDED, GLOBAL_BATCH, _pairs, case_args, case_label,
+from equivalence_design import (DEFAULT, ENGINE_CONFIG, EXCLUDED, FP16_OVERFLOW, GLOBAL_BATCH, _pairs, case_args, case_label,
                                 covering_design, equivalence_cases, needed_pairs, valid)
 from harness import Case, run_group
 
@@ -177,6 +177,10 @@ def test_n_ranks_equal_one_process_on_the_global_batch(launched, references, cas
     assert summary["processes"] == case["ranks"], where
     assert summary["params_agree_across_ranks"] is (None if sharded else True), where
     p_tol, n_tol = TOL[(case["precision"], "ddp" if case["engine"] == "ddp" else "zero")]
+    if case.get("args") == FP16_OVERFLOW:  # every step overflows, on purpose: skipped and the scale halved
+        steps = per_step(run)
+        assert [s["skipped"] for s in steps] == [1, 1, 1] and [s["loss_scale"] for s in steps] == [2 ** 18, 2 ** 17,
+                                                                                                   2 ** 16], steps
     bad = step_differences(per_step(run), per_step(ref), n_tol)
     if bad:
         pytest.fail(f"{where}\n  " + "\n  ".join(bad), pytrace=False)

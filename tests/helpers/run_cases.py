@@ -6,7 +6,8 @@
 PLAN.json: ``{"results": DIR, "cases": [{"id": str, "args": [trainer overrides...]}, ...]}``; a case
 may inject a fault: ``"nan_calls"`` makes the task loss NaN on those loss calls of the case
 (1-based, per process: "7,8,9", or "13-" for every call from the 13th on), on the ranks in
-``"nan_ranks"`` ("0,1"; empty: all).
+``"nan_ranks"`` ("0,1"; empty: all); ``"stop_at_step"``: N sends every rank SIGUSR1 (a preemption
+warning) right after step N, so the run checkpoints and exits 75 as under Slurm.
 Why: a launched run costs ~10 s of start-up (interpreters, imports, the launcher, DeepSpeed's
 set-up) and ~0.3 s of training on the tiny test model; the equivalence matrix runs ~100 cases.
 
@@ -69,11 +70,34 @@ def nan_losses(calls: str, ranks: str, rank: int):
         TaskHead.loss = real
 
 
+@contextlib.contextmanager
+def stop_signal_after(step: int):
+    """SIGUSR1 to this rank right after optimizer step ``step`` (every rank does the same)."""
+    import signal
+
+    from mtbert.step import Stepper
+    real = Stepper.step
+
+    def stepped(self, at, *a, **k):
+        out = real(self, at, *a, **k)
+        if at + 1 == step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+    Stepper.step = stepped
+    try:
+        yield
+    finally:
+        Stepper.step = real
+
+
 def run_case(case: dict, results: Path, rank: int) -> None:
     log = results / f"{case['id']}.rank{rank}.log"
     start = time.time()
-    fault = nan_losses(case["nan_calls"], case.get("nan_ranks", ""), rank) if case.get("nan_calls") else \
-        contextlib.nullcontext()
+    fault = contextlib.ExitStack()
+    if case.get("nan_calls"):
+        fault.enter_context(nan_losses(case["nan_calls"], case.get("nan_ranks", ""), rank))
+    if case.get("stop_at_step"):
+        fault.enter_context(stop_signal_after(case["stop_at_step"]))
     with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), fault:
         reset_accelerate()
         code, run = train.train(case["args"])
