@@ -8,6 +8,7 @@ otherwise, and cannot fill ``train_micro_batch_size_per_gpu`` without a prepared
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -33,8 +34,7 @@ def make_accelerator(cfg):
 
     cuda = torch.cuda.is_available()
     deepspeed = using_deepspeed()
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        _refuse_fsdp(cuda)
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"  # mtbert applies FSDP2 itself
     precision = cfg.train.precision if cfg.train.precision != "auto" else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if deepspeed and cfg.train.idle_params == "keep":
         raise ConfigError("train.idle_params=keep: DeepSpeed's ZeRO optimizers step every parameter (a zero "
@@ -50,10 +50,14 @@ def make_accelerator(cfg):
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=leaves_parameters_idle(cfg))]
     if not cuda and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))  # else DeepSpeed on CPU asks for NCCL/oneCCL
-    accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="no" if fp16 else precision,
-                      kwargs_handlers=handlers, log_with="wandb" if cfg.log.wandb else None,
-                      gradient_accumulation_steps=1,  # mtbert accumulates itself (engines/)
-                      step_scheduler_with_optimizer=False)  # else it steps N times per step on N processes
+    with _accelerate_fsdp_off(fsdp):
+        accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="no" if fp16 else precision,
+                                  kwargs_handlers=handlers, log_with="wandb" if cfg.log.wandb else None,
+                                  gradient_accumulation_steps=1,  # mtbert accumulates itself (engines/)
+                                  step_scheduler_with_optimizer=False)  # else it steps N times on N processes
+    if fsdp:
+        from mtbert.engines.fsdp2 import mark
+        mark(accelerator)
     if fp16 and deepspeed:
         _refuse_deepspeed_fp16(accelerator.state.deepspeed_plugin.deepspeed_config)
     if zero_stage(accelerator) == 3:
@@ -95,16 +99,20 @@ def _refuse_unproved_zero3(cfg, ds_config: dict) -> None:
                           "_offload_grad_partition_at_boundary); turn optimizer offload off")
 
 
-def _refuse_fsdp(cuda: bool) -> None:
-    """An FSDP launch (accelerate_configs/fsdp2.yaml). On CPU, Accelerate sets DistributedType.FSDP
-    only for GPU-like back-ends (accelerate/state.py) and silently runs unsharded; on GPUs the
-    launch path (Accelerate's fully_shard, sharded checkpoints) is not in the equivalence matrix
-    yet. The FSDP2 engine itself is proved at the step level (tests/test_fsdp2.py)."""
-    why = ("Accelerate drops the FSDP plugin on CPU, so the run would not be sharded" if not cuda else
-           "FSDP launches through Accelerate are not yet proved equal to one process (the FSDP2 engine is, "
-           "step by step: tests/test_fsdp2.py)")
-    raise ConfigError(f"accelerate config (distributed_type: FSDP): {why}; for sharded parameters use "
-                      f"accelerate_configs/zero3.yaml (every method, proved), or ddp.yaml / cpu_2proc.yaml")
+@contextlib.contextmanager
+def _accelerate_fsdp_off(fsdp: bool):
+    """An FSDP launch (accelerate_configs/fsdp2.yaml): Accelerate must not build its FSDP plugin
+    (on CPU it drops it anyway; on GPUs its wrapping would hide the shards mtbert's engine reads),
+    so ACCELERATE_USE_FSDP reads false while the Accelerator is built; mtbert shards the model
+    itself (engines/fsdp2.py). The environment is restored: a later run in this process sees it."""
+    if not fsdp:
+        yield
+        return
+    os.environ["ACCELERATE_USE_FSDP"] = "false"
+    try:
+        yield
+    finally:
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
 
 
 def configure_deepspeed(accelerator, cfg) -> None:

@@ -183,7 +183,8 @@ def load_checkpoint(accelerator, path: Path) -> dict:
 def save_weights(accelerator, model, folder: Path, info: dict) -> None:
     """Model weights (safetensors) + info.json into ``folder``, atomically and durably, by the
     main process (the gather of ZeRO-3 partitions is a collective: every rank calls this)."""
-    state = accelerator.get_state_dict(model)
+    from mtbert.engines.fsdp2 import full_state_dict, is_sharded
+    state = full_state_dict(model) if is_sharded(model) else accelerator.get_state_dict(model)  # (collectives)
     if accelerator.is_main_process:
         from safetensors.torch import save_file
         tmp = folder.with_name(".tmp_" + folder.name)
@@ -210,5 +211,11 @@ def load_best(model, run_dir: Path) -> dict | None:
     if folder is None:
         return None
     from safetensors.torch import load_file
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+
+    from mtbert.engines.fsdp2 import is_sharded, load_full_state_dict
+    weights = load_file(str(folder / "model.safetensors"))
+    if is_sharded(model):  # every rank reads the whole file and keeps its shards
+        load_full_state_dict(model, weights)
+    else:
+        model.load_state_dict(weights)
     return json.loads((folder / "info.json").read_text())

@@ -8,11 +8,12 @@ over the parameters per step. The decay warms up as in TensorFlow's ExponentialM
 with ``num_updates``: ``d_t = min(decay, (1 + t) / (10 + t))``, so the first steps do not keep
 the pre-trained weights for a long horizon in a short fine-tune.
 
-Under DDP and ZeRO-1/2 every rank holds the whole average (the parameters are replicated).
-Under ZeRO-3 each rank averages its own partition of every parameter (``p.ds_tensor``, what the
-forward gathers from; the optimizer's fp32 master partitions are never touched), so the
-average costs 1/N of the memory there too; ``gap`` sums over ranks, and the checkpointed state
-holds whole parameters (gathered; each rank takes its slice back on resume). The equivalence
+Where the average lives follows the parameters (a ``layout``): under DDP and ZeRO-1/2 every rank
+holds the whole average (the parameters are replicated); under ZeRO-3 each rank averages its own
+partition of every parameter (``p.ds_tensor``, what the forward gathers from; the optimizer's
+fp32 master partitions are never touched), under FSDP2 its DTensor shards, so the average costs
+1/N of the memory there too; ``gap`` sums over ranks, and the checkpointed state holds whole
+parameters (gathered; each rank takes its part back on resume). The equivalence
 matrix proves it through the final weights and the per-step ``ema_gap``. The average is
 registered with Accelerate's checkpointing (``register_for_checkpointing``, whose ``save_state``
 calls ``state_dict`` on every rank): a resume continues it exactly.
@@ -25,28 +26,82 @@ from contextlib import contextmanager
 import torch
 
 
+class Replicated:
+    """Every rank holds whole parameters (one process, DDP, ZeRO-1/2)."""
+
+    def local(self, p):
+        return p
+
+    def gather(self, part, p):
+        return part
+
+    def take(self, whole, p):
+        return whole
+
+    def total(self, sq):
+        return sq
+
+
+class Zero3Partitions:
+    """ZeRO-3: rank r holds elements [r n, (r + 1) n) of each flattened parameter (``p.ds_tensor``,
+    n = ``p.partition_numel()``), zero-padded to n on the last ranks. The padding DeepSpeed loads
+    from a checkpoint is not zeroed (garbage, inf in ``gap`` after a resume, 2026-12-07), so only
+    the real elements are averaged; ``p.ds_tensor`` is looked up each time (loading may replace it)."""
+
+    def __init__(self, collectives):
+        self.coll = collectives
+
+    def local(self, p):
+        n = p.ds_tensor.numel()
+        return p.ds_tensor.narrow(0, 0, max(0, min(n, p.ds_numel - self.coll.rank * n)))
+
+    def gather(self, part, p):  # a collective
+        n = p.ds_tensor.numel()
+        padded = torch.zeros(n, dtype=part.dtype, device=self.coll.device)
+        padded[:part.numel()] = part
+        out = torch.empty(n * self.coll.world, dtype=part.dtype, device=self.coll.device)
+        self.coll.all_gather_into(out, padded)
+        return out[:p.ds_numel].reshape(p.ds_shape)
+
+    def take(self, whole, p):
+        start = self.coll.rank * p.ds_tensor.numel()
+        return whole.reshape(-1)[start:start + self.local(p).numel()]
+
+    def total(self, sq):
+        sq = sq.double().reshape(1).to(self.coll.device)
+        self.coll.all_reduce_sum_(sq)
+        return sq
+
+
+class Fsdp2Shards(Zero3Partitions):
+    """FSDP2: each parameter is a DTensor sharded on dim 0 as ``torch.chunk`` cuts it (uneven
+    chunks, none on some ranks for a small tensor); the average is kept of ``to_local()``."""
+
+    def local(self, p):
+        return p.to_local()
+
+    def gather(self, part, p):  # a collective
+        from torch.distributed.tensor import DTensor
+        return DTensor.from_local(part, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+
+    def take(self, whole, p):
+        chunks = torch.chunk(whole, self.coll.world, dim=0)
+        return chunks[self.coll.rank] if self.coll.rank < len(chunks) else whole[:0]
+
+
 class WeightAverage:
-    def __init__(self, module: torch.nn.Module, decay: float, collectives=None):
-        """collectives: given under ZeRO-3 (the parameters are partitions, ``p.ds_tensor``)."""
-        self.decay, self.updates, self.coll = decay, 0, collectives
-        self.names, params = zip(*module.named_parameters()) if list(module.parameters()) else ((), ())
-        self.full = params  # the module's parameters (whole, or ZeRO-3's placeholders)
-        # fp32 whatever the parameter dtype (DeepSpeed bf16 holds bf16 parameters): [P_i] (or [P_i / N]) each
-        self.average = [p.detach().float().clone() for p in self.params]  # (ZeRO-3: without the padding)
+    def __init__(self, module: torch.nn.Module, decay: float, layout=None):
+        """layout: where the parameters live (``Replicated`` by default; ``Zero3Partitions``,
+        ``Fsdp2Shards``): the average is kept of this rank's part of each parameter."""
+        self.decay, self.updates, self.layout = decay, 0, layout or Replicated()
+        self.names, self.full = zip(*module.named_parameters()) if list(module.parameters()) else ((), ())
+        # fp32 whatever the parameter dtype (DeepSpeed bf16 holds bf16 parameters): one per parameter
+        self.average = [p.detach().float().clone() for p in self.params]
 
     @property
     def params(self) -> list:
-        """What is averaged: the parameters, or under ZeRO-3 the real elements of this rank's
-        partitions, looked up each time. A partition is zero-padded to equal size on the last
-        ranks, but the padding DeepSpeed loads from a checkpoint is not zeroed (garbage, inf in
-        ``gap`` after a resume, 2026-12-07), so it is left out."""
-        if self.coll is None:
-            return list(self.full)
-        out = []
-        for p in self.full:
-            n = p.ds_tensor.numel()
-            out.append(p.ds_tensor.narrow(0, 0, max(0, min(n, p.ds_numel - self.coll.rank * n))))
-        return out
+        """This rank's part of every parameter (views; looked up each time)."""
+        return [self.layout.local(p) for p in self.full]
 
     @torch.no_grad()
     def update(self) -> None:
@@ -60,10 +115,7 @@ class WeightAverage:
         """||raw - average|| over every parameter: the scale-sensitive per-step quantity that the
         equivalence tests compare (an average updated twice, or from other weights, moves it)."""
         sq = torch.stack([(p.detach().float() - a).pow(2).sum() for a, p in zip(self.average, self.params)]).sum()
-        if self.coll is not None:  # partitions: the sum over ranks (a partition's padding is 0 on both sides)
-            sq = sq.double().reshape(1).to(self.coll.device)
-            self.coll.all_reduce_sum_(sq)
-        return float(sq) ** 0.5  # one host sync per log line, not one per tensor
+        return float(self.layout.total(sq)) ** 0.5  # one host sync per log line, not one per tensor
 
     @torch.no_grad()
     def apply(self) -> None:
@@ -83,10 +135,11 @@ class WeightAverage:
                 for r, p in zip(raw, self.params):
                     p.copy_(r)
 
-    # Accelerate's register_for_checkpointing: saved by the main process in save_state, loaded
-    # on every rank in load_state.
+    # Accelerate's register_for_checkpointing: save_state calls state_dict on every rank (a
+    # collective when the parameters are sharded) and writes the main process's; load_state
+    # calls load_state_dict on every rank.
     def state_dict(self) -> dict:
-        average = self.average if self.coll is None else [self._gather(a, p) for a, p in zip(self.average, self.full)]
+        average = [self.layout.gather(a, p) for a, p in zip(self.average, self.full)]
         return {"decay": self.decay, "updates": self.updates, "names": list(self.names),
                 "average": [a.cpu() for a in average]}
 
@@ -95,20 +148,8 @@ class WeightAverage:
             raise ValueError(f"the checkpoint's weight average is of {len(state['names'])} other parameters "
                              f"than this model's {len(self.names)}")
         self.updates = state["updates"]
-        for a, s, p in zip(self.average, state["average"], self.full):
-            if self.coll is not None:  # this rank's slice of the whole parameter
-                start = self.coll.rank * p.ds_tensor.numel()
-                s = s.reshape(-1)[start:start + a.numel()]
-            a.copy_(s.reshape(a.shape))
-
-    def _gather(self, part: torch.Tensor, param) -> torch.Tensor:
-        """Every rank's partition of one parameter (without padding) -> the whole parameter (a collective)."""
-        n = param.ds_tensor.numel()
-        padded = torch.zeros(n, dtype=part.dtype, device=self.coll.device)
-        padded[:part.numel()] = part
-        out = torch.empty(n * self.coll.world, dtype=part.dtype, device=self.coll.device)
-        self.coll.all_gather_into(out, padded)
-        return out[:param.ds_numel].reshape(param.ds_shape)
+        for a, whole, p in zip(self.average, state["average"], self.full):
+            a.copy_(self.layout.take(whole.to(a.device), p).reshape(a.shape))
 
 
 @contextmanager

@@ -34,7 +34,7 @@ FACTORS: dict[str, tuple] = {
     "blocks": ("whole", "layer"),  # one Gram per parameter block (method.gram_blocks)
     "grad_accum": (1, 2),
     "reducer": ("allreduce", "sharded"),
-    "engine": ("ddp", "zero1", "zero2", "zero3"),
+    "engine": ("ddp", "zero1", "zero2", "zero3", "fsdp2"),
     "precision": ("no", "bf16", "fp16"),
     "ranks": (2, 3),
 }
@@ -86,8 +86,8 @@ def valid(case: dict) -> bool:
         return False
     if m in SUMMED and get("reducer", "allreduce") != "allreduce":
         return False  # no reducer on the summed path: one level only
-    if get("engine") == "zero3" and m in GRAM and get("reducer", "sharded") != "sharded":
-        return False  # ZeRO-3 reduces itself (its partitions): the setting is not used, one level only
+    if get("engine") in ("zero3", "fsdp2") and m in GRAM and get("reducer", "sharded") != "sharded":
+        return False  # ZeRO-3 / FSDP2 reduce-scatter themselves: the setting is not used, one level only
     if get("blocks") == "layer" and (m in SUMMED or m == "nash_mtl"):
         return False
     if get("smart") == "on" and m == "famo":
@@ -111,7 +111,7 @@ def needed_pairs() -> set:
 def cost(case: dict) -> float:
     """Rough seconds of a case inside a launch on 2 cores (2026-12-07): ZeRO-3 gathers parameters
     with ~1 ms gloo collectives, 3 ranks share 2 cores, bf16 has no native CPU kernels."""
-    c = {"ddp": 0.6, "zero1": 0.8, "zero2": 0.8, "zero3": 2.5}[case["engine"]]
+    c = {"ddp": 0.6, "zero1": 0.8, "zero2": 0.8, "zero3": 2.5, "fsdp2": 1.0}[case["engine"]]
     c *= 1.8 if case["ranks"] == 3 else 1.0
     c *= 1.6 if case["precision"] != "no" else 1.0
     c *= 1.5 if case["smart"] == "on" else 1.0
@@ -226,7 +226,8 @@ FAULTS += [{"name": "ema-zero3-whole", "engine": "zero3", "ranks": 2, "args": _E
            {"name": "ema-zero3-resumed", "engine": "zero3", "ranks": 2, "args": _EMA_ZERO3,
             "same_run": "ema-zero3-stopped"}]
 
-ENGINE_CONFIG = {"ddp": "cpu_2proc.yaml", "zero1": "zero1.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml"}
+ENGINE_CONFIG = {"ddp": "cpu_2proc.yaml", "zero1": "zero1.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml",
+                 "fsdp2": "fsdp2.yaml"}
 SHORT = {"phases": None, "smart": "smart", "sharing": "sharing", "train_tasks": "tt", "ema": "ema", "blocks": "layer"}
 
 

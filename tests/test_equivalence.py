@@ -39,16 +39,19 @@ TOL = {("no", "ddp"): (1e-6, 1e-5), ("no", "zero"): (1e-5, 1e-5), ("bf16", "ddp"
 TENSOR_TOL = {"no": 1e-3}
 
 
+DEEPSPEED = ("zero1", "zero2", "zero3")
+
+
 def deepspeed_reference(case: dict) -> str | None:
     """The engine whose 1-process launch is the reference (DeepSpeed bf16), else None (in-process)."""
-    return case["engine"] if case["engine"] != "ddp" and case["precision"] == "bf16" else None
+    return case["engine"] if case["engine"] in DEEPSPEED and case["precision"] == "bf16" else None
 
 
 def reference_args(case: dict) -> list[str]:
     """The 1-process reference's overrides (no run directory): what the cache key hashes."""
     args = [*case_args(case), f"--data.batch_size={GLOBAL_BATCH}"]
     if deepspeed_reference(case) is None and "idle" not in case:  # DeepSpeed steps every parameter
-        args.append(f"--train.idle_params={'step' if case['engine'] != 'ddp' else 'keep'}")
+        args.append(f"--train.idle_params={'step' if case['engine'] in DEEPSPEED else 'keep'}")
     return args
 
 
@@ -173,7 +176,7 @@ def test_n_ranks_equal_one_process_on_the_global_batch(launched, references, cas
     assert not result.crashed and result.code == 0, f"{where}\nexit {result.code}\n{result.log[-4000:]}"
     assert f"{case['ranks']} process(es)" in result.log, f"{where}: the launch did not start the ranks of one job"
     summary = json.loads((run / "summary.json").read_text())
-    sharded = case["engine"] == "zero3"  # each rank holds a shard: no replica check (final weights gathered)
+    sharded = case["engine"] in ("zero3", "fsdp2")  # each rank holds a shard: no replica check (weights gathered)
     assert summary["processes"] == case["ranks"], where
     assert summary["params_agree_across_ranks"] is (None if sharded else True), where
     p_tol, n_tol = TOL[(case["precision"], "ddp" if case["engine"] == "ddp" else "zero")]

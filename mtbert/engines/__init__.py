@@ -21,7 +21,7 @@ optimizers always do, so it is the only setting there (accelerator.py enforces i
 
 from __future__ import annotations
 
-from mtbert.engines.fsdp2 import Fsdp2Engine
+from mtbert.engines.fsdp2 import Fsdp2Engine, marked
 from mtbert.engines.torch_engine import TorchEngine
 from mtbert.engines.zero import DeepSpeedEngine
 from mtbert.engines.zero3 import Zero3Engine
@@ -30,7 +30,7 @@ __all__ = ["DeepSpeedEngine", "Fsdp2Engine", "TorchEngine", "Zero3Engine", "make
 
 
 def make_engine(accelerator, model, optimizer, scheduler, params, cfg, per_task: bool):
-    if accelerator.distributed_type == "FSDP":
+    if marked(accelerator):  # mtbert's FSDP2 (engines/fsdp2.py), from an FSDP launch or the step tests
         cls = Fsdp2Engine
     elif accelerator.distributed_type != "DEEPSPEED":
         cls = TorchEngine

@@ -14,9 +14,14 @@ The summed path is torch's: one backward per micro-batch (FSDP2 reduce-scatters 
 DTensor gradients accumulate), then clip and step. ``clip_grad_norm_`` of DTensor gradients
 returns a DTensor: its ``full_tensor()`` is the global norm, the same on every rank.
 
-Launch: ``fully_shard`` needs a device mesh; Accelerate applies it for ``fsdp_version: 2``
-(accelerate_configs/fsdp2.yaml) on GPUs only — on CPU Accelerate drops the FSDP plugin
-(accelerator.py refuses that launch). ``shard_model`` is what the tests apply on a CPU mesh.
+Launch (``accelerate launch --config_file accelerate_configs/fsdp2.yaml``): mtbert applies FSDP2
+itself, on CPU (gloo) and GPU alike — Accelerate drops its FSDP plugin on CPU, and on GPUs its own
+``fully_shard`` wrapping would hide the shards the per-task path reads. accelerator.py builds the
+Accelerator without the plugin and marks it (``mark``); train.py shards the model with
+``shard_model`` on ``Collectives.device_mesh`` before the optimizer exists, prepares neither model
+nor optimizer with Accelerate, and checkpoints them through ``ShardedTrainingState`` (whole
+state dicts, gathered on save and sharded again on load); ``full_state_dict`` and
+``load_full_state_dict`` give the best/final weights.
 """
 
 from __future__ import annotations
@@ -28,12 +33,63 @@ from mtbert.optim.gradients import GramOnlyReducer, TaskRows, block_ranges, spli
 
 
 def shard_model(module: torch.nn.Module, mesh) -> torch.nn.Module:
-    """fully_shard each encoder layer, then the whole model (FSDP2's usual wrapping: one
-    all-gather per layer in forward and backward, the rest — embeddings, heads — in the root)."""
+    """fully_shard each encoder layer, the word embedding, then the whole model (FSDP2's usual
+    wrapping: one all-gather per layer in forward and backward, the rest — position embeddings,
+    heads, per-task layers — in the root). The word embedding is a unit of its own because SMART
+    calls it outside the model's forward (methods/smart.py), where only its own hooks gather it."""
     from torch.distributed.fsdp import fully_shard
     for layer in module.encoder.layers:
         fully_shard(layer, mesh=mesh)
+    fully_shard(module.encoder.emb.word, mesh=mesh)
     return fully_shard(module, mesh=mesh)
+
+
+def mark(accelerator) -> None:
+    """This launch's model is sharded by mtbert's FSDP2 (make_engine and train.py read it)."""
+    accelerator.mtbert_fsdp2 = True
+
+
+def marked(accelerator) -> bool:
+    return bool(getattr(accelerator, "mtbert_fsdp2", False)) or getattr(accelerator, "distributed_type", "") == "FSDP"
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """Every parameter whole (a collective: every rank calls it), on the CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict) -> None:
+    """Whole parameters (the same on every rank) -> each rank's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+class ShardedTrainingState:
+    """The model's and optimizer's state in Accelerate's checkpoints (``register_for_checkpointing``:
+    ``save_state`` calls ``state_dict`` on every rank and writes rank 0's; ``load_state`` calls
+    ``load_state_dict`` on every rank): whole tensors, so a checkpoint does not depend on the
+    number of ranks' shard boundaries."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {"model": full_state_dict(self.model),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options)}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        load_full_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
 
 
 def plain_accelerator(world: int, rank: int, kind: str = "FSDP"):
@@ -84,9 +140,10 @@ class ShardRows(TaskRows):
                     p.grad = None
                 offset += n
 
-    def hand_back(self, present: list[str]) -> None:
-        """DTensor gradients <- the update's shards (shared) and the present tasks' head shards."""
-        pairs = [(self.shared, self.update)] + [(self.private[t], self.priv_flat[t]) for t in present]
+    def hand_back(self, present: list[str], shared: bool = True) -> None:
+        """DTensor gradients <- the update's shards (shared; not under ARRP's head-only batches,
+        where only the heads train) and the present tasks' head shards."""
+        pairs = [(self.shared, self.update)] * shared + [(self.private[t], self.priv_flat[t]) for t in present]
         for params, flat in pairs:
             offset = 0
             for p in params:
@@ -146,7 +203,9 @@ class Fsdp2Engine(TorchEngine):
         buffers.capture(task)
 
     def apply_update(self, buffers: ShardRows, present: list[str], head_only, last: bool):
-        buffers.hand_back(present)
+        # head_only (ARRP): no shared update (one process discards it too: an all-zero Gram's
+        # update can be NaN for a method undefined there, e.g. Nash-MTL); idle parameters follow idle
+        buffers.hand_back(present, shared=head_only is None)
         return self.step(per_task=True, schedule=last)
 
     def clear_frozen(self, head_only) -> None:
