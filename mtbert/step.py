@@ -129,6 +129,8 @@ class Stepper:
             with self.autocast():
                 outs = self.model(mb.batches, head_only=phase.head_only)
             log_vars = outs.pop(LOG_VARS, None)  # UW's [K] log-variances, from inside the forward
+            if log_vars is not None and phase.head_only:  # only the head trains (ARRP): on every engine
+                log_vars = log_vars.detach()
             parts = {t: self._task_loss(t, b, outs[t], mb.shares[t], phase, self._noise_seed(step, i, t))
                      for t, b in mb.batches.items()}
             names = [t for t in self.tasks if t in parts]  # the run's task order, on every rank

@@ -81,8 +81,8 @@ class Fsdp2Shards(Zero3Partitions):
         return p.to_local()
 
     def gather(self, part, p):  # a collective
-        from torch.distributed.tensor import DTensor
-        return DTensor.from_local(part, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+        from mtbert.engines.fsdp2 import gather_shards
+        return gather_shards(part, p)
 
     def take(self, whole, p):
         chunks = torch.chunk(whole, self.coll.world, dim=0)

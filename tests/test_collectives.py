@@ -129,10 +129,12 @@ def test_only_collectives_py_touches_torch_distributed():
                 names = [node.module or ""]
             elif isinstance(node, ast.Attribute) and node.attr == "distributed":
                 names = ["torch.distributed"]
-            # FSDP2's sharding API (engines/fsdp2.py): no collective of its own; its collectives run on
-            # the mesh that Collectives.device_mesh builds on the run device.
+            # FSDP2's sharding API (engines/fsdp2.py: fully_shard, DTensor, the whole-state-dict helpers):
+            # no process group of its own; its collectives run on the mesh that Collectives.device_mesh
+            # builds on the run device.
             sharding = path.name == "fsdp2.py" and all(
-                n.startswith(("torch.distributed.fsdp", "torch.distributed.tensor")) for n in names)
+                n.startswith(("torch.distributed.fsdp", "torch.distributed.tensor", "torch.distributed.checkpoint"))
+                for n in names)
             if any(n.startswith("torch.distributed") for n in names) and not sharding:
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
     assert not offenders, f"torch.distributed used outside mtbert/collectives.py: {offenders}"

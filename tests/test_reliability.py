@@ -387,7 +387,7 @@ def test_a_launched_run_leaves_after_teardown_without_interpreter_finalization(m
     assert done.returncode == 3 and done.stdout == "written", done.stderr[-2000:]
 
 
-LAUNCHED = ["mtbert/train.py", "mtbert/bench_dist.py", *sorted(f"tests/helpers/{p.name}" for p in
+LAUNCHED = ["mtbert/train.py", "mtbert/bench_dist.py", "mtbert/multirun.py", *sorted(f"tests/helpers/{p.name}" for p in
                                                                (ROOT / "tests" / "helpers").glob("*.py"))]
 
 

@@ -70,6 +70,14 @@ def load_full_state_dict(model: torch.nn.Module, state: dict) -> None:
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
+def gather_shards(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A tensor sharded like the DTensor parameter ``like`` (this rank's ``local`` part) -> whole
+    (an all-gather on the parameter's mesh: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape,
+                              stride=like.stride()).full_tensor()
+
+
 class ShardedTrainingState:
     """The model's and optimizer's state in Accelerate's checkpoints (``register_for_checkpointing``:
     ``save_state`` calls ``state_dict`` on every rank and writes rank 0's; ``load_state`` calls
