@@ -21,14 +21,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtbert.errors import UserError
+from mtbert.errors import ConfigError, UserError  # noqa: F401 - ConfigError: where callers have imported it from
 from mtbert.presets import PRESETS
 
 DATA_DIR_ENV = "MTBERT_DATA_DIR"
-
-
-class ConfigError(UserError):
-    """A bad configuration value; the message names the field."""
 
 
 @dataclass

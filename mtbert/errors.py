@@ -9,3 +9,7 @@ EXIT_USER_ERROR = 2  # bad input or config (EX_USAGE-like; what argparse uses to
 
 class UserError(ValueError):
     """Bad input or configuration; the message names the file:line or the field."""
+
+
+class ConfigError(UserError):
+    """A bad configuration value; the message names the field."""

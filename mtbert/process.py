@@ -6,6 +6,11 @@ in that window used to kill the process with nothing saved and no requeue).
 - SIGTERM / SIGUSR1 (Slurm's preemption warning, ``scancel --signal``, a job-wide TERM) are
   *stop requests*: recorded at once, turned into Accelerate's trigger by ``connect`` once the
   Accelerator exists, honoured at the next step boundary with a checkpoint (train.py).
+- SIGINT (Ctrl-C; on several ranks the launcher passes it on to every rank) is a stop request
+  too, ending with exit 130 and a line saying how to resume; a second one stops at once, with
+  one line and no traceback. Only in a process that called ``guard_process`` (the command
+  line, a launched rank): a run inside another program (a test, a notebook) keeps Python's
+  KeyboardInterrupt.
 - A rank started by torch elastic (``accelerate launch`` with several processes) runs in its
   own session, so killing the launcher's process group does not reach it: an OOM killer or a
   node agent that SIGKILLs the launcher used to leave ranks training and writing checkpoints
@@ -27,12 +32,28 @@ import sys
 from typing import NoReturn
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
 _PR_SET_PDEATHSIG = 1
-_requested: list[int] = []  # stop signals received before the Accelerator existed
+_requested: list[int] = []  # stop signals received (SIGINT: every one; the others before the Accelerator)
+_guarded: list[bool] = []  # guard_process ran: this process owns its signals
 
 
 def _record(signum, frame) -> None:
+    if signum == signal.SIGINT and signal.SIGINT in _requested:
+        _stop_now()
     _requested.append(signum)
+
+
+def _stop_now() -> None:
+    """A second Ctrl-C: no checkpoint, no traceback."""
+    os.write(2, b"interrupted again: stopping now without a checkpoint; run the same command to resume from "
+                b"the newest complete checkpoint\n")
+    os._exit(EXIT_INTERRUPTED)
+
+
+def interrupted() -> bool:
+    """Whether a Ctrl-C (SIGINT) asked this process to stop."""
+    return signal.SIGINT in _requested
 
 
 def die_with_launcher() -> bool:
@@ -50,7 +71,8 @@ def die_with_launcher() -> bool:
 
 def guard_process() -> None:
     """First thing a training process does (before heavy imports)."""
-    for sig in STOP_SIGNALS:
+    _guarded.append(True)
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
         signal.signal(sig, _record)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     die_with_launcher()
@@ -58,11 +80,21 @@ def guard_process() -> None:
 
 def connect(accelerator) -> None:
     """From now on a stop signal sets Accelerate's trigger, which ``check_trigger`` reduces over
-    ranks so that all stop at the same step; a request recorded during start-up is passed on."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda signum, frame: accelerator.set_trigger())
+    ranks so that all stop at the same step; a request recorded during start-up is passed on
+    (``_requested`` is cleared for the next run in this process, mtbert.multirun's)."""
+    def stop(signum, frame):
+        if signum == signal.SIGINT:
+            _record(signum, frame)  # a second one stops at once
+        accelerator.set_trigger()
+    for sig in (*STOP_SIGNALS, signal.SIGINT) if _guarded else STOP_SIGNALS:
+        signal.signal(sig, stop)
     if _requested:
         accelerator.set_trigger()
+
+
+def forget_requests() -> None:
+    """A run that honoured its stop request is over: the next run in this process starts clean."""
+    _requested.clear()
 
 
 def leave(code: int) -> NoReturn:

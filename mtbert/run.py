@@ -76,6 +76,7 @@ class Run:
     settings: dict = field(default_factory=dict)  # what decides the trained weights (resume.run_settings)
     resumed: bool = False
     sizes: dict = field(default_factory=dict)  # parameter counts and memory estimate for summary.json
+    lock: object = None  # run_lock.RunLock held by the main process for the whole run
 
     @property
     def run_dir(self) -> Path:

@@ -28,6 +28,7 @@ if __name__ == "__main__":  # before the heavy imports: a stop request during st
 import torch
 
 from mtbert import checkpoint as ckpt
+from mtbert import limits
 from mtbert.accelerator import configure_deepspeed, make_accelerator, zero_stage
 from mtbert.collectives import Collectives, destroy_process_group, process_group_exists
 from mtbert.config import Config, ConfigError, HeadCfg, parse_args, to_dict
@@ -44,6 +45,7 @@ from mtbert.replicas import ranks_agree
 from mtbert.reporting import Reporter, check_wandb_ready
 from mtbert.resume import choose_checkpoint, prepare_run_dir, resume_run, run_settings, save_run
 from mtbert.run import LogWindow, Run, global_mean_losses
+from mtbert.run_lock import RunLock
 from mtbert.step import MicroBatch, Stepper
 from mtbert.engines.fsdp2 import ShardedTrainingState, marked, shard_model
 from mtbert.weight_average import Fsdp2Shards, WeightAverage, Zero3Partitions, evaluated_weights
@@ -106,6 +108,7 @@ def build_model(cfg: Config, reporter: Reporter, world: int, device):
         if not hasattr(module, "loss_log_vars"):
             weights.pop("loss_log_vars", None)  # a UW run's weights, fine-tuned by another method
         module.load_state_dict(weights)
+    limits.check_checkpoint(cfg, encoder.config, folder, {t: module.heads[t].kind for t in specs})
     n_params, n_train = count_params(module), count_params(module, trainable_only=True)
     # fp32 weights (4 B) of every parameter + grad and two AdamW moments (12 B) of trainable ones
     state_mb = (4 * n_params + 12 * n_train) / 2 ** 20
@@ -121,6 +124,7 @@ def load_data(cfg: Config, specs: dict, module: MultitaskModel, folder: Path, re
     Tasks outside train.train_tasks (per-task fine-tunes) are neither trained nor evaluated."""
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+    limits.check_tokenizer(tokenizer, module.encoder.config, folder)
     splits = {"train": {}, "dev": {}, "test": {}}
     for t, spec in specs.items():
         if cfg.train.train_tasks and t not in cfg.train.train_tasks:
@@ -136,7 +140,33 @@ def setup(cfg: Config, accelerator, autocast, scaler) -> Run:
     engine = (f"{accelerator.distributed_type.value}/zero{zero_stage(accelerator)}/{accelerator.mixed_precision}"
               + ("/fsdp2" if marked(accelerator) else ""))
     settings = run_settings(json.loads(json.dumps(to_dict(cfg))), world, engine)
-    # Before anything is written to the run directory: a refused resume leaves it untouched.
+    lock = lock_run_dir(cfg, accelerator, coll)  # before anything is written: a second launch stops here
+    try:
+        return build_run(cfg, accelerator, autocast, scaler, coll, settings, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def lock_run_dir(cfg: Config, accelerator, coll: Collectives) -> RunLock | None:
+    """The main process takes the run directory's lock (run_lock.py); every rank learns whether it
+    could, and all stop alike (exit 2) when another run holds it."""
+    lock, refused = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock.acquire(Path(cfg.train.out_dir), warn=lambda m: print(m, flush=True))
+        except ConfigError as e:
+            refused = str(e)
+    refused = coll.gather_objects(refused)[0]
+    if refused:
+        raise ConfigError(refused)
+    return lock
+
+
+def build_run(cfg: Config, accelerator, autocast, scaler, coll: Collectives, settings: dict, lock) -> Run:
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    # A refused resume leaves the run directory untouched.
     moved = prepare_run_dir(Path(cfg.train.out_dir), cfg.train.resume, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     chosen = choose_checkpoint(Path(cfg.train.out_dir), cfg.train.resume, settings, accelerator.is_main_process, coll)
@@ -150,6 +180,7 @@ def setup(cfg: Config, accelerator, autocast, scaler) -> Run:
     B = cfg.data.batch_size
     sampler = ShardedTaskSampler({t: s.lengths() for t, s in train.items()}, cfg.train.seed, world, rank,
                                  B, cfg.data.bucket)
+    limits.check_batch(cfg, {t: len(s) for t, s in train.items()}, world)
     phases = build_phases(cfg, {t: max(1, s.batches_per_epoch()) for t, s in sampler.streams.items()})
     total = sum(p.steps for p in phases)
     total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
@@ -158,7 +189,7 @@ def setup(cfg: Config, accelerator, autocast, scaler) -> Run:
     model, optimizer, scheduler = prepare_training(accelerator, module, cfg, total, coll, reporter)
     stepper = Stepper(accelerator, model, optimizer, scheduler, cfg, list(specs), coll, autocast, scaler)
     run = Run(cfg, accelerator, reporter, coll, specs, stepper.module, model, train, dev, test, sampler, phases,
-              total, scheduler, stepper, autocast, scaler, sizes=sizes, settings=settings)
+              total, scheduler, stepper, autocast, scaler, sizes=sizes, settings=settings, lock=lock)
     if cfg.train.ema_decay:  # registered before the resume: load_state restores it
         layout = (Zero3Partitions(coll) if zero_stage(accelerator) == 3 else Fsdp2Shards(coll) if marked(accelerator)
                   else None)  # each rank averages its part of each parameter
@@ -278,28 +309,40 @@ def train_phase(run: Run, phase: Phase, phase_end: int, bar) -> int:
             evaluate_dev(run, phase.label)
         if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0 and state.step < phase_end:
             save_run(run)  # (a phase end saves after its evaluation, in fit)
-        if stop_requested(run):
-            return EXIT_PREEMPTED
+        code = stop_requested(run)
+        if code:
+            return code
     return 0
 
 
-def stop_requested(run: Run) -> bool:
-    """A SIGTERM/SIGUSR1 on any rank (process.py): all ranks checkpoint at this step boundary.
-    The stop file is written before the last barrier, so no rank exits (and no launcher fails
-    the job step, e.g. srun --kill-on-bad-exit) before the requeue marker exists."""
+def stop_requested(run: Run) -> int:
+    """A stop request on any rank (process.py: SIGTERM/SIGUSR1, or Ctrl-C): all ranks checkpoint at
+    this step boundary. -> 0 (go on), EXIT_PREEMPTED, or EXIT_INTERRUPTED after a Ctrl-C. The stop
+    file is written before the last barrier, so no rank exits (and no launcher fails the job step,
+    e.g. srun --kill-on-bad-exit) before the requeue marker exists; a Ctrl-C writes none (the person
+    who pressed it does not want a requeue)."""
     if not run.accelerator.check_trigger():
-        return False
+        return 0
     save_run(run)
-    run.reporter.print(f"stop requested: checkpoint at step {run.state.step} written; exiting with {EXIT_PREEMPTED}")
-    run.reporter.mark_stopped(run.state.step)  # launchers (accelerate, torchrun) do not pass our exit code on
-    return True
+    step = run.state.step
+    if process.interrupted():
+        run.reporter.print(f"interrupted: checkpoint at step {step} written in {run.run_dir / 'checkpoints'}; run "
+                           f"the same command to resume (exit {process.EXIT_INTERRUPTED})")
+        code = process.EXIT_INTERRUPTED
+    else:
+        run.reporter.print(f"stop requested: checkpoint at step {step} written; exiting with {EXIT_PREEMPTED}")
+        run.reporter.mark_stopped(step)  # launchers (accelerate, torchrun) do not pass our exit code on
+        code = EXIT_PREEMPTED
+    process.forget_requests()  # honoured (a next run in this process, mtbert.multirun's, starts clean)
+    return code
 
 
 def fit(run: Run) -> int:
     """Every phase to the end (or to a stop); -> 0 or the exit code."""
     cfg, state = run.cfg, run.state
-    if stop_requested(run):  # asked during start-up (model load, tokenization): nothing to redo
-        return EXIT_PREEMPTED
+    code = stop_requested(run)
+    if code:  # asked during start-up (model load, tokenization): nothing to redo
+        return code
     if state.step == 0 and state.evaluated < 0:  # (also after a stop during start-up)
         evaluate_dev(run, "start")
         state.evaluated = 0
@@ -372,21 +415,31 @@ def train(argv: list[str]) -> tuple[int, Run | None]:
         accelerator, autocast, scaler = make_accelerator(cfg)
         run = setup(cfg, accelerator, autocast, scaler)
     except UserError as e:  # bad config or input: every rank hits the same one
-        print(f"{'config' if isinstance(e, ConfigError) else 'input'} error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR, None
+        return user_error(e), None
     try:
         code = fit(run)
         if not code:
             finish(run)
     except ckpt.CheckpointWriteError as e:
         return write_failed(run, e), run
+    except UserError as e:  # found during the run (e.g. a user task's data): deterministic, on every rank
+        return user_error(e), run
     return code, run
 
 
+def user_error(e: UserError) -> int:
+    """One line naming the field or file:line, no traceback -> exit 2."""
+    print(f"{'config' if isinstance(e, ConfigError) else 'input'} error: {e}", file=sys.stderr, flush=True)
+    return EXIT_USER_ERROR
+
+
 def release(run: Run) -> None:
-    """Let go of a finished run's engine (a DeepSpeed engine is destroyed) and trackers, keeping
-    the process group: the next run in this process builds its own Accelerator."""
+    """Let go of a finished run's engine (a DeepSpeed engine is destroyed), trackers and run
+    directory lock, keeping the process group: the next run in this process builds its own
+    Accelerator."""
     run.accelerator.wait_for_everyone()
+    if run.lock is not None:
+        run.lock.release()
     for tracker in run.accelerator.trackers:
         tracker.finish()
     run.accelerator.free_memory()
@@ -399,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     had_group = process_group_exists()
     if run is not None:
         run.reporter.close()  # barrier, trackers, destroy_process_group
+        if run.lock is not None:  # (the process may go on: a run inside another program)
+            run.lock.release()
     else:  # refused after the Accelerator joined the group: every rank is refused alike
         destroy_process_group()
     if had_group:

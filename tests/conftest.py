@@ -32,14 +32,16 @@ def minilm_dir() -> Path:
     return resolve_checkpoint("minilm-l6")
 
 
-def make_tiny_checkpoint(folder: Path, layers=2, hidden=32, heads=4, seed=0) -> Path:
-    """A random tiny HF BertModel saved in HF format, with the MiniLM tokenizer files."""
+def make_tiny_checkpoint(folder: Path, layers=2, hidden=32, heads=4, seed=0, **config) -> Path:
+    """A random tiny HF BertModel saved in HF format, with the MiniLM tokenizer files; ``config``:
+    other BertConfig fields (e.g. a vocabulary smaller than the tokenizer's)."""
     from transformers import BertConfig, BertModel
 
     from mtbert.model.bert import resolve_checkpoint
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=4 * hidden, max_position_embeddings=128)
+    cfg = BertConfig(**{"vocab_size": 30522, "hidden_size": hidden, "num_hidden_layers": layers,
+                        "num_attention_heads": heads, "intermediate_size": 4 * hidden,
+                        "max_position_embeddings": 128, **config})
     BertModel(cfg).save_pretrained(folder)
     src = resolve_checkpoint("minilm-l6")
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

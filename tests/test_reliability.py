@@ -368,7 +368,8 @@ def test_a_launched_run_leaves_after_teardown_without_interpreter_finalization(m
 
     for group, refused in ((True, False), (True, True), (False, False)):
         events.clear()
-        run = None if refused else SimpleNamespace(reporter=SimpleNamespace(close=lambda: events.append(("close",))))
+        run = None if refused else SimpleNamespace(reporter=SimpleNamespace(close=lambda: events.append(("close",))),
+                                                   lock=None)
         monkeypatch.setattr(train, "train", lambda argv: (2, None) if refused else (75, run))  # e.g. a stop's code
         monkeypatch.setattr(train, "process_group_exists", lambda: group)
         monkeypatch.setattr(train, "destroy_process_group", lambda: events.append(("destroy",)))

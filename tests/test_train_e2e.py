@@ -146,6 +146,9 @@ def _bad_inputs(tiny_ckpt, tmp_path):
     lines = sts.read_text().splitlines(keepends=True)
     lines[3] = lines[3].rsplit("\t", 1)[0] + "\tseven\n"
     sts.write_text("".join(lines))
+    from conftest import make_tiny_checkpoint
+    small_vocab = make_tiny_checkpoint(tmp_path / "small_vocab", vocab_size=1000)
+    one_type = make_tiny_checkpoint(tmp_path / "one_type", type_vocab_size=1)
     return [
         ("missing checkpoint", [f"--model.checkpoint={tmp_path / 'nowhere'}"], "model.checkpoint: .*nowhere is not a checkpoint folder"),
         ("not a BERT", [f"--model.checkpoint={not_bert}"], "model.checkpoint: .*config.json: cannot read a BERT config"),
@@ -156,6 +159,26 @@ def _bad_inputs(tiny_ckpt, tmp_path):
         ("temperature 0", ["--train.temperature=0"], "train.temperature: must be > 0"),
         ("max_eval < 0", ["--data.max_eval=-1"], "data.max_eval: must be >= 0"),
         ("init weights", [f"--model.init_weights={tmp_path / 'w.safetensors'}"], "model.init_weights: no such file"),
+        # the limits a checkpoint and the data set (mtbert/limits.py), before any work
+        ("max_length", ["--model.max_length=1000"], r"model.max_length: 1000 is more than the 128 positions of "),
+        ("small vocab", [f"--model.checkpoint={small_vocab}"], r"model.checkpoint: the tokenizer in .*small_vocab has "
+                                                                 r"30522 tokens, the model's embedding table 1000"),
+        ("one token type", [f"--model.checkpoint={one_type}", "--heads.quora.kind=cross"],
+         r"heads.quora.kind: a cross-encoder needs 2 token types .* type_vocab_size 1"),
+        ("batch > rows", ["--data.max_train=4"], r"data.batch_size: a global batch of 8 \(8 x 1 process\(es\)\) is "
+                                                 r"larger than task sst's 4 training examples \(data.max_train\)"),
+        ("classes", ["--data.tasks=five", "--task_defs.five.kind=single_classification", "--task_defs.five.num_labels=3",
+                     f"--task_defs.five.train={SAMPLE_DIR / 'sample_ids_sst_train.csv'}",
+                     f"--task_defs.five.dev={SAMPLE_DIR / 'sample_ids_sst_dev.csv'}",
+                     "--task_defs.five.columns=label:sentiment"],
+         r"sample_ids_sst_train.csv:\d+: label '[34]' is not a class in 0..2"),
+        ("columns", ["--data.tasks=five", "--task_defs.five.kind=single_classification",
+                     f"--task_defs.five.train={SAMPLE_DIR / 'sample_ids_sst_train.csv'}",
+                     f"--task_defs.five.dev={SAMPLE_DIR / 'sample_ids_sst_dev.csv'}", "--task_defs.five.columns=lbl"],
+         r"task_defs.five.columns: bad column mapping 'lbl'"),
+        ("no dev", ["--data.tasks=five", "--task_defs.five.kind=single_classification",
+                    f"--task_defs.five.train={SAMPLE_DIR / 'sample_ids_sst_train.csv'}"],
+         r"task_defs.five: set both train and dev"),
     ]
 
 

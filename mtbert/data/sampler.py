@@ -22,6 +22,8 @@ import random
 
 import torch
 
+from mtbert.errors import ConfigError
+
 SCHEDULES = ("round_robin", "proportional", "annealed", "temperature", "union", "sequential")
 
 
@@ -120,8 +122,8 @@ class TaskStream:
     def take_global(self, gb: int, lo: int, hi: int) -> list[int]:
         """Advance by a global batch of ``gb`` examples; return this rank's part [lo, hi) of it."""
         if gb > len(self.lengths):
-            raise ValueError(f"task {self.task_index}: a global batch of {gb} is larger than its "
-                             f"{len(self.lengths)} training examples; lower data.batch_size")
+            raise ConfigError(f"data.batch_size: a global batch of {gb} is larger than task {self.task_index}'s "
+                              f"{len(self.lengths)} training examples; lower data.batch_size")
         if self.pos + gb > len(self.lengths):  # drop the tail: every global batch is whole
             self.epoch, self.pos = self.epoch + 1, 0
         window = self.order(self.epoch)[self.pos:self.pos + gb]

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mtbert.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -77,7 +79,8 @@ def parse_columns(text: str, where: str) -> dict:
     for part in filter(None, (p.strip() for p in text.split(","))):
         role, _, col = part.partition(":")
         if role not in ("id", "text_a", "text_b", "label") or not col:
-            raise ValueError(f"{where}: bad column mapping {part!r}; use role:column with roles id, text_a, text_b, label")
+            raise ConfigError(f"{where}: bad column mapping {part!r}; use role:column with roles id, text_a, text_b, "
+                              f"label")
         cols[role] = col
     return cols
 
@@ -94,7 +97,7 @@ def build_specs(cfg) -> dict[str, TaskSpec]:
                 defaults["text_b"] = "sentence2"
             columns = {**defaults, **parse_columns(d.columns, f"{where}.columns")}
             if not d.train or not d.dev:
-                raise ValueError(f"{where}: set both train and dev")
+                raise ConfigError(f"{where}: set both train and dev")
             regression = d.kind == "pair_regression"
             specs[name] = TaskSpec(
                 name, d.kind, 1 if regression else d.num_labels,

@@ -31,16 +31,26 @@ def nash_weights(gram: torch.Tensor, start: torch.Tensor | None = None, iters: i
     def f(x):
         return 0.5 * x @ M @ x - x.log().sum()
 
+    def residual(x):  # (M x)_i x_i - 1: scale-free, zero at the solution
+        return float(((M @ x) * x - 1).abs().max())
+
     for _ in range(iters):
         grad = M @ a - 1 / a
-        if float((grad * a).abs().max()) < 1e-13:  # (M a)_i a_i - 1: scale-free
+        r = residual(a)
+        if r < 1e-14:
             break
         step = torch.linalg.solve(M + torch.diag(1 / a ** 2), grad)
         t, fa = 1.0, f(a)
-        while bool((a - t * step <= 0).any()) or f(a - t * step) > fa - 1e-4 * t * (grad @ step):
+        # Armijo on f far from the solution; near it f's rounding (~1e-16 |f|) hides the decrease,
+        # so a step that shrinks the residual is taken too: otherwise the solve stalls at ~1e-10
+        # and a warm start would stop somewhere else than a cold one.
+        while bool((a - t * step <= 0).any()) or (f(a - t * step) > fa - 1e-4 * t * (grad @ step)
+                                                  and residual(a - t * step) >= r):
             t *= 0.5
             if t < 1e-12:
                 break
+        if t < 1e-12:
+            break
         a = a - t * step
     return a
 
