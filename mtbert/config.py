@@ -196,10 +196,13 @@ class TrainCfg:
 class MethodCfg:
     name: str = "sum"
     """How the tasks are combined. Summed path (one backward): `sum`, `mean`, `rlw` (random loss
-    weights), `uw` (uncertainty weighting), `dwa` (dynamic weight average), `famo`. Per-task
-    gradients (K backwards, weights from their Gram matrix): `pcgrad`, `gse` (mean of projected,
-    then a second update with the plain combined gradient), `mgda`, `cagrad`, `imtl_g`,
-    `aligned_mtl`, `upgrad`, `dualproj`, `nash_mtl`, `gradvac`. Sources: --help's method list."""
+    weights), `uw` (uncertainty weighting), `dwa` (dynamic weight average), `famo`, `gls`
+    (geometric mean of the losses), `stch` (smooth Tchebycheff). Per-task gradients (K backwards,
+    weights from their Gram matrix): `pcgrad`, `gse` (mean of projected, then a second update
+    with the plain combined gradient), `mgda`, `cagrad`, `imtl_g`, `aligned_mtl`, `upgrad`,
+    `dualproj`, `nash_mtl`, `gradvac`, `fairgrad`, `config` (ConFIG), `pcd` (priority-constrained
+    descent), `sdmgrad`, `modo`, `cr_mogm`, `gradnorm`, `krum`; coordinate-wise on the per-task
+    gradients: `trimmed_mean`, `graddrop`. Sources: --help's method list."""
     pcgrad_reduction: str = "sum"
     """PCGrad update: `sum` of projected gradients (Yu et al. 2020) or `mean`."""
     reducer: str = "allreduce"
@@ -224,6 +227,37 @@ class MethodCfg:
     """FAMO: Adam learning rate of the task logits xi (the authors' default)."""
     famo_decay: float = 0.01
     """FAMO: gamma, the L2 decay of xi (the authors' default)."""
+    fairgrad_alpha: float = 2.0
+    """FairGrad's alpha: utilities g_i . d = w_i^(-1/alpha) (1: Nash-MTL's bargaining; 0: the mean;
+    Ban & Ji 2024 report 2 on most benchmarks)."""
+    pcd_tau: float = 0.02
+    """PCD: each secondary task keeps at least this fraction of its (normalised) squared gradient
+    norm along the update; the primary is the first task in data.tasks."""
+    sdmgrad_lambda: float = 0.3
+    """SDMGrad's lambda: pull of the weights towards the uniform preference (the authors' 0.3)."""
+    modo_gamma: float = 0.1
+    """MoDo: step size of the weights' projected-gradient step (torchjd's 0.1)."""
+    modo_rho: float = 0.1
+    """MoDo: rho, the weights' L2 regulariser (torchjd's 0.1)."""
+    cr_mogm_alpha: float = 0.9
+    """CR-MOGM: weight of the previous step's weights in their moving average."""
+    cr_mogm_inner: str = "mgda"
+    """CR-MOGM: the method whose weights are averaged (a stateless per-task method)."""
+    gradnorm_alpha: float = 1.5
+    """GradNorm's alpha: how strongly a task's relative loss raises its target norm (the paper's 1.5)."""
+    gradnorm_lr: float = 0.025
+    """GradNorm: step size of the task weights on the balancing loss."""
+    krum_byzantine: int = 0
+    """Krum's f: task gradients assumed adversarial (needs f + 3 tasks in a step)."""
+    krum_selected: int = 1
+    """Multi-Krum: how many of the best-scored task gradients are averaged."""
+    trim: int = 1
+    """TrimmedMean: values dropped at each end per coordinate (at most (k - 1) // 2)."""
+    stch_mu: float = 1.0
+    """STCH: the smoothing mu of the Tchebycheff scalarisation (Lin et al. 2024 use 1)."""
+    stch_warmup: int = 50
+    """STCH: steps of summed log losses whose mean losses become the nadir point (the authors:
+    four epochs)."""
     uw_lr: float = 0.01
     """UW: learning rate of the log-variances s_k (AdamW group of their own, no weight decay;
     at fine-tuning rates like 1e-4 they would barely move)."""
@@ -275,9 +309,10 @@ class Config:
 
 
 # The methods (their registries: optim/loss_weighting.py, optim/aggregators/; a test keeps these in step).
-LOSS_METHODS = ("sum", "mean", "rlw", "uw", "dwa", "famo")  # summed path: one backward
+LOSS_METHODS = ("sum", "mean", "rlw", "uw", "dwa", "famo", "gls", "stch")  # summed path: one backward
 GRADIENT_METHODS = ("pcgrad", "gse", "mgda", "cagrad", "imtl_g", "aligned_mtl", "upgrad", "dualproj", "nash_mtl",
-                    "gradvac")  # per-task gradients
+                    "gradvac", "fairgrad", "config", "pcd", "sdmgrad", "modo", "cr_mogm", "gradnorm", "krum",
+                    "trimmed_mean", "graddrop")  # per-task gradients
 
 
 def per_task(method_name: str) -> bool:
@@ -543,13 +578,34 @@ def _check_method_family(cfg: Config) -> None:
     if m.gram_blocks != "whole" and not per_task(m.name):
         raise ConfigError(f"method.gram_blocks={m.gram_blocks}: block Grams are for per-task methods "
                           f"({', '.join(GRADIENT_METHODS)}), not method.name={m.name}")
-    if m.gram_blocks != "whole" and m.name == "nash_mtl":
-        raise ConfigError("method.gram_blocks: nash_mtl solves one bargaining problem per step; use whole")
+    if m.gram_blocks != "whole" and per_task(m.name):
+        from mtbert.optim.aggregators import AGGREGATORS
+        if not AGGREGATORS[m.name].blocks:
+            raise ConfigError(f"method.gram_blocks: {m.name} solves one problem per step over all shared parameters "
+                              f"(state or coordinates, not per block); use whole")
+    if m.name == "cr_mogm":
+        from mtbert.optim.aggregators import AGGREGATORS
+        inner = [n for n, a in AGGREGATORS.items() if a.fn and not a.init_state and n not in ("gse", "cr_mogm")]
+        if m.cr_mogm_inner not in inner:
+            raise ConfigError(f"method.cr_mogm_inner: {m.cr_mogm_inner!r} is not a stateless per-task method; "
+                              f"use one of {', '.join(inner)}")
     for path, v, ok in (("method.cagrad_c", m.cagrad_c, m.cagrad_c >= 0),
                         ("method.gradvac_beta", m.gradvac_beta, 0 < m.gradvac_beta <= 1),
                         ("method.dwa_temperature", m.dwa_temperature, m.dwa_temperature > 0),
                         ("method.dwa_window", m.dwa_window, m.dwa_window > 0),
                         ("method.famo_lr", m.famo_lr, m.famo_lr > 0), ("method.famo_decay", m.famo_decay, m.famo_decay >= 0),
+                        ("method.fairgrad_alpha", m.fairgrad_alpha, m.fairgrad_alpha >= 0),
+                        ("method.pcd_tau", m.pcd_tau, 0 <= m.pcd_tau <= 1),
+                        ("method.sdmgrad_lambda", m.sdmgrad_lambda, m.sdmgrad_lambda >= 0),
+                        ("method.modo_gamma", m.modo_gamma, m.modo_gamma > 0), ("method.modo_rho", m.modo_rho, m.modo_rho >= 0),
+                        ("method.cr_mogm_alpha", m.cr_mogm_alpha, 0 <= m.cr_mogm_alpha <= 1),
+                        ("method.gradnorm_alpha", m.gradnorm_alpha, m.gradnorm_alpha >= 0),
+                        ("method.gradnorm_lr", m.gradnorm_lr, m.gradnorm_lr > 0),
+                        ("method.krum_byzantine", m.krum_byzantine, m.krum_byzantine >= 0),
+                        ("method.krum_selected", m.krum_selected, m.krum_selected >= 1),
+                        ("method.trim", m.trim, m.trim >= 0),
+                        ("method.stch_mu", m.stch_mu, m.stch_mu > 0), ("method.stch_warmup", m.stch_warmup,
+                                                                         m.stch_warmup >= 0),
                         ("method.uw_lr", m.uw_lr, m.uw_lr > 0)):
         if not ok:
             raise ConfigError(f"{path}: out of range, got {v} (see --help)")

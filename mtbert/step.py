@@ -204,13 +204,21 @@ class Stepper:
             stats["skipped"], stats["grad_norm"] = True, torch.tensor(float("nan"))
             return stats
         gram_cpu = gram.cpu()  # [L, k, k] float64
+        name = self.cfg.method.name
         inputs = GramInputs(gram_cpu, self._task_index(present), seeded_generator(self.cfg.train.seed, step),
-                            self.cfg.method)
-        updates = aggregators.aggregate(self.cfg.method.name, inputs, self.method_state)  # each [L, k]
-        if self.cfg.method.conflict_stats and len(present) > 1:
-            stats.update({f"conflict/{k}": v for k, v in conflict_stats(gram_cpu, updates[0]).items()})
+                            self.cfg.method, lambda: self._global_losses([losses[t] for t in present]))
+        if aggregators.is_coordinate_wise(name):  # TrimmedMean, GradDrop: on the columns where they lie
+            coords = self.reducer.local_columns(self.buffers.coordinates(self.collectives.rank, self.collectives.world))
+            updates = [aggregators.combine_columns(name, local_rows, coords, inputs)]  # [[n]]
+        else:
+            updates = aggregators.aggregate(name, inputs, self.method_state)  # each [L, k]
+            if self.cfg.method.conflict_stats and len(present) > 1:
+                stats.update({f"conflict/{k}": v for k, v in conflict_stats(gram_cpu, updates[0]).items()})
         for j, w in enumerate(updates):  # GSE makes two updates from the same gradients
-            self.buffers.set_update(w, local_rows, blocks)
+            if aggregators.is_coordinate_wise(name):
+                self.buffers.set_update_values(w)
+            else:
+                self.buffers.set_update(w, local_rows, blocks)
             stats["comm_bytes"] += self.reducer.finish(self.buffers.update)
             stats["grad_norm"], applied = self.engine.apply_update(self.buffers, present, self._head_only(phase),
                                                                    last=j == len(updates) - 1)

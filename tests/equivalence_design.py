@@ -201,6 +201,30 @@ EXTRA += [extra(method="sum", precision="fp16", args=FP16_OVERFLOW),
           extra(method="mean", precision="fp16", engine="zero2", grad_accum=2, args=FP16_OVERFLOW),
           extra(method="gse", precision="fp16", engine="zero3", reducer="sharded", args=FP16_OVERFLOW)]
 
+# The methods added after the design was drawn (issue 25): each on the four reduction paths a
+# per-task method can take -- DDP with the all-reduce and the sharded reducer, ZeRO-2 (DeepSpeed
+# steps the combined gradient), ZeRO-3 (the update formed on each rank's partitions) -- ranks 2 and
+# 3 in turn (so each method meets both counts and each path both); the coordinate-wise ones on
+# FSDP2's shards too (their coordinates are the engines' own), the loss weightings on their three
+# engines. The methods' logic is checked on Grams in tests/test_method_family.py; here what
+# distribution can break: their state, the global losses (GradNorm), the per-coordinate draws.
+NEW_GRAM = ("fairgrad", "config", "pcd", "sdmgrad", "modo", "cr_mogm", "gradnorm", "krum")
+COLUMNS = ("trimmed_mean", "graddrop")
+NEW_SUMMED = ("gls", "stch")
+PATHS = (("ddp", "allreduce"), ("ddp", "sharded"), ("zero2", "allreduce"), ("zero3", "sharded"))
+for _m in (*NEW_GRAM, *COLUMNS, *NEW_SUMMED):
+    METHOD_ARGS[_m] = [f"--method.name={_m}", *BALANCED]
+METHOD_ARGS["stch"] += ["--method.stch_warmup=1"]  # the nadir from step 1: steps 2 and 3 are STCH's
+METHOD_ARGS["gradnorm"] += ["--method.gradnorm_lr=0.1"]
+METHOD_ARGS["krum"] += ["--method.krum_selected=2"]  # Multi-Krum: which two depends on the Gram
+FAMILY: list[dict] = []
+for _i, _m in enumerate((*NEW_GRAM, *COLUMNS)):
+    _paths = PATHS + ((("fsdp2", "sharded"),) if _m in COLUMNS else ())
+    FAMILY += [extra(method=_m, engine=e, reducer=r, ranks=2 + (_i + j) % 2) for j, (e, r) in enumerate(_paths)]
+FAMILY += [extra(method=_m, engine=e, ranks=2 + (_i + j) % 2)
+           for _i, _m in enumerate(NEW_SUMMED) for j, e in enumerate(("ddp", "zero2", "zero3"))]
+EXTRA += FAMILY
+
 # Set-ups refused before any work (the launch's config decides the engine): (engine, overrides,
 # the field the message names). tests/test_distributed.py checks each in its launch group.
 REFUSALS: list[dict] = [

@@ -130,6 +130,22 @@ class ShardRows(TaskRows):
                           for t, ps in self.private.items()}
         self.blocks = block_ranges(names, sizes, sum(sizes), gram_blocks)
 
+    def coordinates(self, rank: int, world: int) -> torch.Tensor:
+        """[P_local] each column's global coordinate (the place of its element in the shared
+        parameters, module order, as in the 1-process rows): a dim-0 shard is a contiguous run."""
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        parts, base = [], 0
+        for p in self.shared:
+            n = _local(p).numel()
+            if hasattr(p, "device_mesh"):
+                _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                start = offset[0] * (p.numel() // max(1, p.shape[0]))
+            else:
+                start = 0
+            parts.append(base + start + torch.arange(n))
+            base += p.numel()
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
     def start(self, present: list[str], attach: bool = False) -> None:
         for t in present:
             self.G[self.tasks.index(t)].zero_()

@@ -59,6 +59,7 @@ class PartitionRows(TaskRows):
             offset += p.partition_numel()
         _check_layout(grouped, offsets, offset, flat)
         names, shared, private = split_parameters(module, tasks)
+        self.shared = shared
         self.shared_idx = _positions(offsets, shared, flat.device)  # [P_local]
         self.private_idx = {t: _positions(offsets, private[t], flat.device) for t in tasks}
         P = self.shared_idx.numel()
@@ -68,6 +69,18 @@ class PartitionRows(TaskRows):
         self.priv_flat = {t: torch.zeros(idx.numel(), dtype=torch.float32, device=flat.device)
                           for t, idx in self.private_idx.items()}
         self.blocks = block_ranges(names, [offsets[id(p)][1] for p in shared], P, gram_blocks)
+
+    def coordinates(self, rank: int, world: int) -> torch.Tensor:
+        """[P_local] each column's global coordinate (the place of its element in the shared
+        parameters, module order, as in the 1-process rows); -1 for DeepSpeed's padding. A
+        parameter's partition on rank r holds its flat elements [r pn, (r + 1) pn)."""
+        parts, base = [], 0
+        for p in self.shared:
+            pn = p.partition_numel()
+            elem = rank * pn + torch.arange(pn)
+            parts.append(torch.where(elem < p.ds_numel, base + elem, -1))
+            base += p.ds_numel
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     @property
     def flat(self) -> torch.Tensor:

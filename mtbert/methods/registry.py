@@ -121,6 +121,44 @@ METHODS: dict[str, MethodSpec] = {
         "GradVac", "Wang et al. 2021: gradient vaccine (EMA cosine targets per task pair; state)",
         ("--method.name=gradvac",), "optim/aggregators/projection.py (_gradvac; targets [L, K, K] in the state)",
         ),
+    "fairgrad": MethodSpec(
+        "FairGrad", "Ban & Ji 2024: alpha-fair utilities, M w = w^(-1/alpha) (alpha 1 = Nash-MTL; state: warm start)",
+        ("--method.name=fairgrad",), "optim/aggregators/nash.py (fair_weights: Newton on the convex potential)",
+        "method.gram_blocks=layer (one problem per step)"),
+    "config": MethodSpec(
+        "ConFIG", "Liu, Chu & Thuerey 2025: equal positive cosines to every task gradient (U^+ 1), length the "
+        "projections' sum", ("--method.name=config",), "optim/aggregators/conditioned.py (config_weights)"),
+    "pcd": MethodSpec(
+        "PCD", "Varam & AlHajri 2026: priority-constrained descent (the first task primary; state: norm EMA)",
+        ("--method.name=pcd",), "optim/aggregators/conditioned.py (pcd_solve: exact over the active sets)",
+        "method.gram_blocks=layer (one problem per step)"),
+    "sdmgrad": MethodSpec(
+        "SDMGrad", "Xiao, Ban & Ji 2023: direction-oriented MGDA (lambda towards the mean; state: warm start)",
+        ("--method.name=sdmgrad",), "optim/aggregators/stochastic.py (sdmgrad_step, simplex_projection)",
+        "method.gram_blocks=layer (one problem per step)"),
+    "modo": MethodSpec(
+        "MoDo", "Chen et al. 2023: one projected step of the MGDA weights per step (state: the weights)",
+        ("--method.name=modo",), "optim/aggregators/stochastic.py (modo_step)",
+        "method.gram_blocks=layer (one problem per step)"),
+    "cr_mogm": MethodSpec(
+        "CR-MOGM", "Zhou et al. 2022: a moving average of MGDA's (or method.cr_mogm_inner's) weights (state)",
+        ("--method.name=cr_mogm",), "optim/aggregators/stochastic.py (_cr_mogm)",
+        "method.gram_blocks=layer; a stateful inner method"),
+    "gradnorm": MethodSpec(
+        "GradNorm", "Chen et al. 2018: learnable weights equalising w_i ||g_i|| at loss-ratio targets (state)",
+        ("--method.name=gradnorm",), "optim/aggregators/stochastic.py (gradnorm_move); step.py (global losses)",
+        "method.gram_blocks=layer (one problem per step)"),
+    "krum": MethodSpec(
+        "Krum", "Blanchard et al. 2017: (Multi-)Krum, the gradient(s) closest to their neighbours",
+        ("--method.name=krum",), "optim/aggregators/robust.py (krum_weights)"),
+    "trimmed_mean": MethodSpec(
+        "TrimmedMean", "Yin et al. 2018: coordinate-wise trimmed mean of the task gradients",
+        ("--method.name=trimmed_mean",), "optim/aggregators/robust.py (columns: on the rows where they lie)",
+        "method.gram_blocks=layer (not a Gram method)"),
+    "graddrop": MethodSpec(
+        "GradDrop", "Chen et al. 2020: gradient sign dropout, one draw per global coordinate",
+        ("--method.name=graddrop",), "optim/aggregators/robust.py (columns; coordinate_uniform: a counter-based "
+        "hash); engines' coordinates()", "method.gram_blocks=layer (not a Gram method)"),
     # -- loss weighting: no per-task gradients, the summed path --
     "rlw": MethodSpec(
         "RLW", "Lin et al. 2022: random loss weights, softmax of N(0, I) per step",
@@ -136,6 +174,13 @@ METHODS: dict[str, MethodSpec] = {
         "FAMO", "Liu et al. 2023: fast adaptive multitask optimisation (task logits; state)",
         ("--method.name=famo",), "optim/loss_weighting.py; step.py (_losses_after_update)",
         "method.smart (FAMO re-evaluates the plain task losses)"),
+    "gls": MethodSpec(
+        "GLS", "Chennupati et al. 2019: geometric loss strategy, exp(mean log L_k)",
+        ("--method.name=gls",), "optim/loss_weighting.py (gls_coefficients)"),
+    "stch": MethodSpec(
+        "STCH", "Lin et al. 2024: smooth Tchebycheff scalarisation of the log losses after a warm-up (state: nadir)",
+        ("--method.name=stch",), "optim/loss_weighting.py (stch_coefficients)",
+        budget=lambda s: [f"--train.epoch_steps={s}", f"--method.stch_warmup={max(1, s // 6)}"]),
     "ensemble": MethodSpec(
         "ensemble (PCGrad + per-task fine-tune)", "seeds: per-task fine-tunes of a joint model, ensembled",
         (), "methods/ensemble.py (python -m mtbert.methods.ensemble RUN_DIR)", compare=False, preset=False, marks=()),

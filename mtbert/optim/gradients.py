@@ -117,6 +117,10 @@ class TaskRows:
             return self.G[idx[0]:idx[0] + len(idx)]  # a view: no copy
         return self.G[idx]
 
+    def set_update_values(self, values: torch.Tensor) -> None:
+        """update[:n] <- a coordinate-wise method's values for the rows' n columns."""
+        self.update[:values.numel()].copy_(values)
+
     def set_update(self, w: torch.Tensor, rows: torch.Tensor, blocks: Blocks | None = None) -> None:
         """update <- w @ rows. rows: [k, n], or [k, P_pad/N] columns of this rank under the
         sharded reducer (its ``finish`` then all-gathers the rest of ``self.update``).
@@ -180,6 +184,12 @@ class GradientBuffers(TaskRows):
         return [t for t in self.tasks if t not in present]
 
 
+    def coordinates(self, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """[P_pad] each column's global coordinate (its place in the shared parameters, in the
+        module's order); -1 for the padding."""
+        coords = torch.arange(self.G.shape[1], device=self.G.device)
+        return torch.where(coords < self.P, coords, -1)
+
     def attach_update(self) -> None:
         """shared .grad <- views of the update, for the optimizer."""
         for p, v in zip(self.shared, self.update_views):
@@ -205,6 +215,10 @@ class LocalReducer:
 
     def finish(self, update: torch.Tensor) -> int:
         return 0
+
+    def local_columns(self, coords: torch.Tensor) -> torch.Tensor:
+        """The global coordinates of the columns ``reduce`` returned (all of them here)."""
+        return coords
 
 
 def _ring_bytes(t: torch.Tensor, world: int, passes: int = 2) -> int:
@@ -258,6 +272,10 @@ class ShardedReducer(AllReduceReducer):
         moved = _ring_bytes(rows, self.world, 1) + 2 * gram.numel() * 8
         moved += sum(_ring_bytes(flat, self.world) for flat in private)
         return gram, shard, mine, moved
+
+    def local_columns(self, coords: torch.Tensor) -> torch.Tensor:
+        n = coords.numel() // self.world
+        return coords[self.coll.rank * n:(self.coll.rank + 1) * n]
 
     def finish(self, update: torch.Tensor) -> int:
         """The update was formed on this rank's columns (first P/N of ``update``): gather all."""

@@ -14,6 +14,14 @@ path (one backward of a weighted sum of the task losses). A registry is a plain 
   c = sum_k z_k / L_k, then moves xi by Adam on delta_k = log L_k(theta_t) - log L_k(theta_t+1),
   the same batches' losses before and after the update (one extra forward without gradients,
   as in the authors' code).
+- ``gls``: geometric loss strategy (Chennupati et al. 2019): the geometric mean of the task
+  losses, (prod_k L_k)^(1/k), as exp(mean log L_k) (a product of many small losses underflows);
+  its gradient weights each task by Gbar / (k L_k).
+- ``stch``: smooth Tchebycheff scalarisation (Lin et al. 2024) on the log losses:
+  mu log sum_k exp(log(L_k / z_k) / mu), z the "nadir" losses, after ``method.stch_warmup``
+  steps of sum_k log L_k whose mean global losses become z (the authors' code warms up for four
+  epochs and takes the fourth's mean; a fine-tuning run of one to three epochs has steps, not
+  epochs, to spare). Its gradient weights task k by softmax(log(L_k / z_k) / mu)_k / L_k.
 
 Everything a weight depends on is global: the losses are the global batch's (the ranks'
 share-weighted losses averaged, K floats all-reduced), the state is updated from them only and
@@ -136,6 +144,46 @@ def _famo_after(state, tasks, before, after, cfg) -> None:
     state["m"][tasks], state["v"][tasks], state["t"][tasks] = m, v, t
 
 
+LOG_EPS = 1e-20  # LibMTL's: log(L + eps) stays finite for a zero loss
+
+
+def gls_coefficients(losses: torch.Tensor) -> torch.Tensor:
+    """d/dL_k of exp(mean_j log L_j) = Gbar / (k L_k)."""
+    logs = (losses + LOG_EPS).log()
+    return logs.mean().exp() / (len(losses) * (losses + LOG_EPS))
+
+
+def _gls(parts, inputs, state):
+    # Weights from the global losses (identical on every rank, the 1-process objective's gradient)
+    return _weighted(parts, gls_coefficients(inputs.global_losses()))
+
+
+def stch_coefficients(losses: torch.Tensor, nadir: torch.Tensor | None, mu: float) -> torch.Tensor:
+    """d/dL_k of the step's objective: sum_k log L_k during the warm-up (nadir None), else
+    mu log sum_k exp(log(L_k / z_k) / mu) (the max is subtracted inside the softmax: no overflow)."""
+    if nadir is None:
+        return 1.0 / (losses + LOG_EPS)
+    return torch.softmax((losses / nadir + LOG_EPS).log() / mu, 0) / (losses + LOG_EPS)
+
+
+def _stch(parts, inputs, state):
+    warm = int(state["steps"]) < inputs.cfg.stch_warmup
+    nadir = None if warm else state["nadir"][inputs.tasks]
+    return _weighted(parts, stch_coefficients(inputs.global_losses(), nadir, inputs.cfg.stch_mu))
+
+
+def _stch_after(state, tasks, losses, after, cfg) -> None:
+    """The warm-up's global losses, summed per task; their mean is the nadir z from then on."""
+    if int(state["steps"]) < cfg.stch_warmup:
+        state["sum"][tasks] += losses
+        state["count"][tasks] += 1
+        state["steps"] += 1
+        if int(state["steps"]) == cfg.stch_warmup:
+            seen = state["count"] > 0
+            state["nadir"][seen] = state["sum"][seen] / state["count"][seen]
+            state["nadir"][~seen] = 1.0  # a task no warm-up step drew: its losses unscaled
+
+
 def _zeros(*names):
     return lambda K: {n: torch.zeros(K, dtype=torch.float64) for n in names}
 
@@ -151,6 +199,12 @@ LOSS_WEIGHTINGS: dict[str, LossWeightingSpec] = {
                              after_step=_dwa_after),
     "famo": LossWeightingSpec(_famo, "Liu et al. 2023 (FAMO; the authors' code read)",
                               init_state=_zeros("xi", "m", "v", "t"), after_step=_famo_after, reevaluate=True),
+    "gls": LossWeightingSpec(_gls, "Chennupati et al. 2019 (geometric loss strategy; LibMTL's GLS read)"),
+    "stch": LossWeightingSpec(_stch, "Lin et al. 2024 (smooth Tchebycheff scalarisation; LibMTL's and the "
+                                     "authors' STCH read)",
+                              init_state=lambda K: {**_zeros("sum", "count", "nadir")(K),
+                                                    "steps": torch.zeros((), dtype=torch.float64)},
+                              after_step=_stch_after),
 }
 
 

@@ -8,15 +8,19 @@ weights and keeps the same state without communicating.
     projection.py   pcgrad, gse, gradvac (stateful: EMA targets per task pair and block)
     min_norm.py     mgda, cagrad, upgrad, dualproj (small QPs: scipy)
     closed_form.py  imtl_g, aligned_mtl
-    nash.py         nash_mtl (stateful: warm start)
-The loss-weighting methods (rlw, uw, dwa, famo) need no per-task gradients: optim/loss_weighting.py.
+    nash.py         nash_mtl, fairgrad (stateful: warm start)
+    conditioned.py  config, pcd (stateful: the gradients' norm EMA)
+    stochastic.py   sdmgrad, modo, cr_mogm, gradnorm (stateful: the weights)
+    robust.py       krum; trimmed_mean, graddrop (coordinate-wise: ``columns``, not weights)
+The loss-weighting methods (rlw, uw, dwa, famo, gls, stch) need no per-task gradients:
+optim/loss_weighting.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mtbert.optim.aggregators import closed_form, min_norm, nash, projection
+from mtbert.optim.aggregators import closed_form, conditioned, min_norm, nash, projection, robust, stochastic
 from mtbert.optim.aggregators.base import AggregatorSpec, GramInputs, State
 
 
@@ -30,7 +34,8 @@ def _ones(scale):
 AGGREGATORS: dict[str, AggregatorSpec] = {
     "sum": AggregatorSpec(_ones("sum"), "summed losses (per-task path: for tests and benchmarks)"),
     "mean": AggregatorSpec(_ones("mean"), "mean of the task gradients"),
-    **projection.SPECS, **min_norm.SPECS, **closed_form.SPECS, **nash.SPECS,
+    **projection.SPECS, **min_norm.SPECS, **closed_form.SPECS, **nash.SPECS, **conditioned.SPECS,
+    **stochastic.SPECS, **robust.SPECS,
 }
 
 
@@ -45,14 +50,24 @@ def aggregate(name: str, inputs: GramInputs, state: State) -> list[torch.Tensor]
 
 
 def update_weights(name: str, gram: torch.Tensor, generator=None, reduction: str = "sum", cfg=None,
-                   state: State | None = None) -> list[torch.Tensor]:
+                   state: State | None = None, losses: torch.Tensor | None = None) -> list[torch.Tensor]:
     """One [k, k] Gram (one block, every task present) -> [k] weights per update."""
     from mtbert.config import MethodCfg
     cfg = cfg or MethodCfg(name=name, pcgrad_reduction=reduction)
     k = gram.shape[0]
     state = initial_state(name, k, 1) if state is None else state
-    inputs = GramInputs(gram.double()[None], torch.arange(k), generator, cfg)
+    inputs = GramInputs(gram.double()[None], torch.arange(k), generator, cfg,
+                        (lambda: losses.double()) if losses is not None else None)
     return [w[0] for w in aggregate(name, inputs, state)]
+
+
+def combine_columns(name: str, rows: torch.Tensor, coords: torch.Tensor | None, inputs: GramInputs) -> torch.Tensor:
+    """A coordinate-wise method's update values on the rows where they lie: [k, n] -> [n]."""
+    return AGGREGATORS[name].columns(rows, coords, inputs)
+
+
+def is_coordinate_wise(name: str) -> bool:
+    return name in AGGREGATORS and AGGREGATORS[name].columns is not None
 
 
 def conflict_stats(gram: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
@@ -76,5 +91,5 @@ def conflict_stats(gram: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
             "norm_ratio": float(upd_norm / sum_norm.clamp(min=1e-30))}
 
 
-__all__ = ["AGGREGATORS", "AggregatorSpec", "GramInputs", "aggregate", "conflict_stats", "initial_state",
-           "update_weights"]
+__all__ = ["AGGREGATORS", "AggregatorSpec", "GramInputs", "aggregate", "combine_columns", "conflict_stats",
+           "initial_state", "is_coordinate_wise", "update_weights"]

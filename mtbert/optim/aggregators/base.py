@@ -27,23 +27,32 @@ class GramInputs:
     """Seeded from (seed, step): identical on every rank (PCGrad/GradVac orders, RLW draws)."""
     cfg: object
     """The run's MethodCfg (hyper-parameters)."""
+    global_losses: Callable[[], torch.Tensor] | None = None
+    """-> [k] float64: the step's global task losses (one all-reduce of k floats; only when asked:
+    GradNorm)."""
 
 
 State = dict  # name -> float64 tensor over all K tasks (and L blocks); JSON-saved in checkpoints
 WeightFn = Callable[[GramInputs, State], list]
 
 
+ColumnFn = Callable[[torch.Tensor, "torch.Tensor | None", GramInputs], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class AggregatorSpec:
-    fn: WeightFn
+    fn: WeightFn | None
     """(inputs, state) -> list of [L, k] float64 weights, one per update (GSE makes two); may
-    update ``state`` in place."""
+    update ``state`` in place. None for a coordinate-wise method (``columns``)."""
     source: str
     """Paper (and the reference implementation read) it follows."""
     init_state: Callable[[int, int], State] | None = None
     """(K, L) -> the state before the first step; None: stateless."""
     blocks: bool = True
     """Accepts a block Gram (L > 1): per-block weights (per-layer PCGrad, GradVac's targets)."""
+    columns: ColumnFn | None = None
+    """A coordinate-wise method (not a function of the Gram): (rows [k, n] where they lie, their
+    global coordinates [n] long (-1: padding), inputs) -> the update's [n] values."""
 
 
 def per_block(weights_of: Callable[[torch.Tensor, GramInputs], torch.Tensor]) -> WeightFn:

@@ -3,6 +3,8 @@ Aligned-MTL (Senushkin et al. 2023)."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from mtbert.optim.aggregators.base import AggregatorSpec, GramInputs, per_block, scale_free_tol
@@ -10,21 +12,37 @@ from mtbert.optim.aggregators.base import AggregatorSpec, GramInputs, per_block,
 
 def imtl_g_weights(gram: torch.Tensor) -> torch.Tensor:
     """IMTL-G (Liu et al. 2021, "Towards Impartial Multi-task Learning", Sec. 3.2): the update
-    d = G^T a has equal projections on every task's unit gradient u_i. With D = rows g_1 - g_i,
-    U = rows u_1 - u_i (i = 2..K): a_{2:K} = g_1 U^T (D U^T)^{-1}, a_1 = 1 - sum a_{2:K}.
-    In Gram terms, with n_i = ||g_i||: g_p . u_q = M[p, q] / n_q."""
+    d = G^T a has equal projections c on every task's unit gradient u_i, scaled by sum(a) = 1.
+    The paper's closed form a_{2:K} = g_1 U^T (D U^T)^{-1} (D = rows g_1 - g_i, U = rows
+    u_1 - u_i) is the same d as U d = 1 solved on the unit gradients: with the cosine matrix
+    C = U U^T = M / (n n^T) (n_i = ||g_i||), d = U^T C^{-1} 1, i.e. a ∝ C^{-1} 1 / n.
+
+    With linearly dependent task gradients (rank-deficient M) the closed form's inverse does not
+    exist and d = 0 satisfies "equal projections" with sum(a) = 1: a solve returned that silent
+    zero step. Here C^+ (the pseudo-inverse) gives the minimum-norm least-squares d of U d = 1:
+    equal positive projections where they exist (a dependent gradient inside the others' cone),
+    the closest ones otherwise, never 0. A task with a zero gradient has no unit vector: weight 0."""
     M = gram.double()
     k = M.shape[0]
-    if k == 1:
-        return torch.ones(1, dtype=torch.float64)
-    n = M.diagonal().clamp(min=1e-300).sqrt()
-    GU = M / n[None, :]  # [p, q] = g_p . u_q
-    rest = torch.arange(1, k)
-    gU = GU[0, 0] - GU[0, rest]  # g_1 . (u_1 - u_j)
-    # (g_1 - g_i) . (u_1 - u_j) for i, j in 2..K
-    DU = GU[0, 0] - GU[0, rest][None, :] - GU[rest, 0][:, None] + GU[rest][:, rest]
-    a = torch.linalg.solve(DU.T, gU)  # a^T (D U^T) = g_1 U^T
-    return torch.cat([1 - a.sum(0, keepdim=True), a])
+    alive = M.diagonal() > scale_free_tol(M)
+    a = torch.zeros(k, dtype=torch.float64)
+    if not alive.any():
+        return a
+    idx = alive.nonzero().flatten()
+    n = M.diagonal()[idx].sqrt()
+    C = M[idx][:, idx] / (n[:, None] * n[None, :])
+    b = torch.linalg.pinv(C, hermitian=True, rtol=len(idx) * 64 * torch.finfo(torch.float64).eps) @ C.new_ones(len(idx))
+    w = b / n
+    total = w.sum()
+    if not bool(total > 1e-9 * w.abs().sum()):
+        # sum(a) = 1 cannot scale a direction of positive projections (the unit gradients cancel:
+        # C^+ 1 ~ 0, or the solution's weights sum to <= 0): the mean gradient, said once
+        warnings.warn("imtl_g: no update has equal positive projections on these task gradients (they cancel); "
+                      "this step uses the mean gradient", RuntimeWarning, stacklevel=2)
+        a[idx] = 1.0 / len(idx)
+        return a
+    a[idx] = w / total  # the paper's scale (sum(a) = 1)
+    return a
 
 
 def aligned_mtl_weights(gram: torch.Tensor) -> torch.Tensor:
