@@ -15,7 +15,13 @@ reset, so the case builds its own Accelerator (the launch's process group is kep
 DeepSpeed reuse an initialised group), model, optimizer, sampler, RNG state (``set_seed``) and
 engine; afterwards ``train.release`` destroys a DeepSpeed engine. Several DeepSpeed engines of one
 stage in one process group train exactly (shared/notes/engine-facts.md; docs/testing.md). The
-launch's config decides the engine for every case (Accelerate reads it from the environment).
+launch's config decides the engine of a case (Accelerate reads it from the environment), unless
+the case brings its own config's environment (``env`` below).
+
+A case may carry ``"env"``: the variables ``accelerate launch`` would set for another config
+(``tests/harness.py``, ``launch_env``), applied for that case only (``"env_keys"``: every variable
+any case of the plan sets, unset where this case's ``env`` lacks it), so one launch can run
+cases of several engines in turn (docs/testing.md says when the tests do).
 
 Per case, every rank writes its console output to ``DIR/<id>.rank<r>.log``; rank 0 then writes
 ``DIR/<id>.json`` (exit code, wall time). A case that raises writes its traceback to
@@ -45,6 +51,26 @@ def reset_accelerate() -> None:
     PartialState._reset_state()
 
 
+@contextlib.contextmanager
+def launch_environment(env: dict | None, keys):
+    """The case's launch variables (Accelerate reads its engine from them), restored afterwards."""
+    if env is None:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in {*keys, *env}}
+    for k in saved:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_case(case: dict, results: Path, rank: int, around: Callable | None = None) -> None:
     """One run; ``around(case, rank)`` -> a context manager the run happens inside (faults a test
     injects), or None."""
@@ -52,7 +78,8 @@ def run_case(case: dict, results: Path, rank: int, around: Callable | None = Non
     log = results / f"{case['id']}.rank{rank}.log"
     start = time.time()
     extra = around(case, rank) if around else contextlib.nullcontext()
-    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), extra:
+    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), extra, \
+            launch_environment(case.get("env"), case.get("env_keys", ())):
         reset_accelerate()
         code, run = train.train(case["args"])
         if run is not None:

@@ -398,7 +398,7 @@ def finish(run: Run) -> None:
     peak_gpu = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1) if torch.cuda.is_available() else None
     run.reporter.write_json("summary.json", {
         "steps": run.state.step, "best": info, "wall_s": round(time.time() - run.reporter.t0, 1),
-        "processes": world, "params_agree_across_ranks": agree, **run.sizes,
+        "processes": world, "engine": run.settings.get("engine"), "params_agree_across_ranks": agree, **run.sizes,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "peak_gpu_mib": peak_gpu})
     run.reporter.print(f"done: best dev overall {run.state.best:.4f} at step {info['step'] if info else '?'}; "
                        f"outputs in {run_dir}")

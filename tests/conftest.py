@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def launched(tiny_ckpt, tmp_path_factory):
     directory). The first request for a (config, processes) pair launches every case of that
     pair in one launch (tests/harness.py); later requests read the results."""
     import equivalence_design as design
-    from harness import Case, run_group
+    from harness import Case, launch_env, run_group
     root, groups = tmp_path_factory.mktemp("launched"), {}
     everything = design.equivalence_cases() + design.REFUSALS + design.FAULTS
 
@@ -100,12 +101,17 @@ def launched(tiny_ckpt, tmp_path_factory):
 
     def get(case: dict):
         key = design.launch_key(case)
-        folder = root / f"{key[0].removesuffix('.yaml')}-{key[1]}"
+        folder = root / f"ranks-{key}"
         if key not in groups:
-            members = [c for c in everything if design.launch_key(c) == key]
+            engines = list(design.ENGINE_CONFIG)  # the launch runs the cases engine by engine
+            only = re.compile(os.environ.get("MTBERT_CASES", ""))  # a developer's subset (docs/testing.md)
+            members = sorted((c for c in everything if design.launch_key(c) == key
+                              and (c is case or only.search(design.case_label(c)))),
+                             key=lambda c: engines.index(c["engine"]))
             cases = [Case(design.case_label(c), args(c, folder / run_of(c)),
-                          {k: c[k] for k in ("nan_calls", "nan_ranks", "stop_at_step") if k in c}) for c in members]
-            groups[key] = run_group(*key, cases, folder / "results")
+                          {k: c[k] for k in ("nan_calls", "nan_ranks", "stop_at_step") if k in c},
+                          launch_env(design.ENGINE_CONFIG[c["engine"]], c["ranks"])) for c in members]
+            groups[key] = run_group(design.LAUNCH_CONFIG, key, cases, folder / "results")
         label = design.case_label(case)
         return groups[key][label], folder / run_of(case)
     return get

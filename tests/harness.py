@@ -12,6 +12,7 @@ each builds its own Accelerator, model, optimizer, sampler, RNG state and engine
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -30,6 +31,33 @@ class Case:
     id: str
     args: list[str]
     fault: dict = field(default_factory=dict)  # run_cases.py's fault injection (nan_calls, nan_ranks)
+    env: dict | None = None  # launch_env of the case's config, in a launch that mixes configs
+
+
+MANAGED = ("ACCELERATE_", "FSDP_")  # the launch variables a case's config decides
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_env(config: str, processes: int) -> tuple:
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+    args = launch_command_parser().parse_args(["--config_file", str(ROOT / "accelerate_configs" / config),
+                                               "--num_processes", str(processes), "--main_process_port", "0", "x.py"])
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    if args.use_deepspeed:  # as accelerate's launch_command prepares it
+        fields = list(defaults.deepspeed_config.keys()) if defaults else []
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields + ["mixed_precision"] * mp_from_config)
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        env = prepare_multi_gpu_env(args)
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(MANAGED)))
+
+
+def launch_env(config: str, processes: int) -> dict:
+    """The ACCELERATE_* / FSDP_* variables ``accelerate launch --config_file <config>`` gives its
+    ranks, computed by Accelerate's own launch code (not copied): what makes a case of a mixed
+    launch run the engine of its config."""
+    return dict(_launch_env(config, processes))
 
 
 @dataclass
@@ -53,8 +81,10 @@ def _free_port() -> int:
 
 def _launch(config: str, processes: int, cases: list[Case], folder: Path, timeout: float):
     plan = folder / f"plan-{len(list(folder.glob('plan-*.json')))}.json"
-    plan.write_text(json.dumps({"results": str(folder), "cases": [{"id": c.id, "args": c.args, **c.fault}
-                                                                   for c in cases]}))
+    keys = sorted({k for c in cases for k in (c.env or {})})
+    plan.write_text(json.dumps({"results": str(folder), "cases": [
+        {"id": c.id, "args": c.args, **c.fault, **({"env": c.env, "env_keys": keys} if c.env is not None else {})}
+        for c in cases]}))
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
            str(ROOT / "accelerate_configs" / config), "--main_process_port", str(_free_port()),
            "--num_processes", str(processes), str(WORKER), str(plan)]

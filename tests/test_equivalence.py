@@ -85,6 +85,10 @@ def references(tiny_ckpt, tmp_path_factory):
     return get
 
 
+EXPECTED_ENGINE = {"ddp": "MULTI_CPU/zero-1/", "zero1": "DEEPSPEED/zero1/", "zero2": "DEEPSPEED/zero2/",
+                   "zero3": "DEEPSPEED/zero3/", "fsdp2": "MULTI_CPU/zero-1/"}  # fsdp2: "+/fsdp2" at the end
+
+
 def command(case: dict) -> str:
     """The case as a user would launch it (paste-able; the tiny checkpoint and the run directory
     are the test's own)."""
@@ -178,6 +182,10 @@ def test_n_ranks_equal_one_process_on_the_global_batch(launched, references, cas
     summary = json.loads((run / "summary.json").read_text())
     sharded = case["engine"] in ("zero3", "fsdp2")  # each rank holds a shard: no replica check (weights gathered)
     assert summary["processes"] == case["ranks"], where
+    # the engine the case's config gives (one launch runs several configs' cases: harness.launch_env)
+    engine = summary["engine"]
+    assert engine.startswith(EXPECTED_ENGINE[case["engine"]]) and engine.endswith("/fsdp2") == (
+        case["engine"] == "fsdp2"), f"{where}: ran {engine}"
     assert summary["params_agree_across_ranks"] is (None if sharded else True), where
     p_tol, n_tol = TOL[(case["precision"], "ddp" if case["engine"] == "ddp" else "zero")]
     if case.get("args") == FP16_OVERFLOW:  # every step overflows, on purpose: skipped and the scale halved
