@@ -81,7 +81,14 @@ NO_DROPOUT = ["--model.dropout=0", "--heads.sst.dropout=0", "--heads.quora.dropo
 
 
 @pytest.fixture(scope="session")
-def launched(tiny_ckpt, tmp_path_factory):
+def references(tiny_ckpt, tmp_path_factory):
+    """case -> the run directory of its 1-process reference (tests/references.py)."""
+    from references import References
+    return References(tiny_ckpt, tmp_path_factory.mktemp("references"))
+
+
+@pytest.fixture(scope="session")
+def launched(tiny_ckpt, tmp_path_factory, references):
     """case (tests/equivalence_design.py: a matrix case, a refusal or a fault) -> (CaseResult, its run
     directory). The first request for a (config, processes) pair launches every case of that
     pair in one launch (tests/harness.py); later requests read the results."""
@@ -103,6 +110,7 @@ def launched(tiny_ckpt, tmp_path_factory):
         key = design.launch_key(case)
         folder = root / f"ranks-{key}"
         if key not in groups:
+            references.start()  # in the background, while the groups run
             engines = list(design.ENGINE_CONFIG)  # the launch runs the cases engine by engine
             only = re.compile(os.environ.get("MTBERT_CASES", ""))  # a developer's subset (docs/testing.md)
             members = sorted((c for c in everything if design.launch_key(c) == key

@@ -4,26 +4,32 @@ combined gradient, the task losses and the learning rate (AdamW parameters alone
 factor such as a gradient divided twice by the world size or by the accumulation count).
 
 Cases: tests/equivalence_design.py (every pair of factor levels meets at least once; the extras;
-the method family). The cases of one (accelerate config, ranks) run in one launch, each a fresh
-run (tests/harness.py, the ``launched`` fixture). References: 1 process on the global batch
-(12 = 2 x 6 = 3 x 4), computed once per distinct configuration for the whole test run, keyed by
-a hash of its overrides. DeepSpeed steps every parameter (train.idle_params=step), so its fp32
-reference runs with that setting; under bf16 DeepSpeed holds bf16 parameters itself, so its
-reference is the same DeepSpeed config launched with 1 process (one launch for all of them).
-A failure names the case as a command to paste, the step, the quantity and by how much.
+the method family). The cases of one rank count run in one launch, each a fresh run with its own
+config's launch environment (tests/harness.py, the ``launched`` fixture). References:
+tests/references.py. A failure names the case as a command to paste, the step, the quantity and
+by how much.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
 import pytest
-from conftest import load_weights, read_metrics, rel_diff, run_main, tiny_args, worst_tensor
-from equivalence_design import (DEFAULT, ENGINE_CONFIG, EXCLUDED, FP16_OVERFLOW, GLOBAL_BATCH, _pairs, case_args, case_label,
-                                covering_design, equivalence_cases, needed_pairs, valid)
-from harness import Case, run_group
+from conftest import load_weights, read_metrics, rel_diff, worst_tensor
+from equivalence_design import (
+    DEFAULT,
+    ENGINE_CONFIG,
+    EXCLUDED,
+    FP16_OVERFLOW,
+    GLOBAL_BATCH,
+    _pairs,
+    case_args,
+    case_label,
+    covering_design,
+    equivalence_cases,
+    needed_pairs,
+    valid,
+)
 
 pytestmark = pytest.mark.dist
 CASES = equivalence_cases()
@@ -37,52 +43,6 @@ TOL = {("no", "ddp"): (1e-6, 1e-5), ("no", "zero"): (1e-5, 1e-5), ("bf16", "ddp"
 # CI rehearsal under load (2026-11-22). Under bf16 the small-norm LayerNorm biases carry rounding of
 # their own size (up to 0.26): the checks above stand.
 TENSOR_TOL = {"no": 1e-3}
-
-
-DEEPSPEED = ("zero1", "zero2", "zero3")
-
-
-def deepspeed_reference(case: dict) -> str | None:
-    """The engine whose 1-process launch is the reference (DeepSpeed bf16), else None (in-process)."""
-    return case["engine"] if case["engine"] in DEEPSPEED and case["precision"] == "bf16" else None
-
-
-def reference_args(case: dict) -> list[str]:
-    """The 1-process reference's overrides (no run directory): what the cache key hashes."""
-    args = [*case_args(case), f"--data.batch_size={GLOBAL_BATCH}"]
-    if deepspeed_reference(case) is None and "idle" not in case:  # DeepSpeed steps every parameter
-        args.append(f"--train.idle_params={'step' if case['engine'] in DEEPSPEED else 'keep'}")
-    return args
-
-
-def reference_key(case: dict) -> str:
-    return hashlib.sha256(json.dumps([deepspeed_reference(case), reference_args(case)]).encode()).hexdigest()[:16]
-
-
-@pytest.fixture(scope="session")
-def references(tiny_ckpt, tmp_path_factory):
-    """case -> the run directory of its 1-process reference, computed once per key."""
-    root, cache = tmp_path_factory.mktemp("references"), {}
-
-    def get(case: dict) -> Path:
-        key = reference_key(case)
-        if key in cache:
-            return cache[key]
-        engine = deepspeed_reference(case)
-        if engine is None:
-            run = root / key
-            assert run_main(tiny_args(tiny_ckpt, run, *reference_args(case))) == 0, f"reference of {case_label(case)}"
-            cache[key] = run
-            return run
-        # every DeepSpeed bf16 reference of this engine in one 1-process launch
-        todo = {reference_key(c): c for c in CASES if deepspeed_reference(c) == engine}
-        cases = [Case(k, tiny_args(tiny_ckpt, root / k, *reference_args(c))) for k, c in todo.items()]
-        results = run_group(ENGINE_CONFIG[engine], 1, cases, root / f"{engine}-1-results")
-        for k, r in results.items():
-            assert r.code == 0, f"reference {k} ({engine}, 1 process):\n{r.log[-4000:]}"
-            cache[k] = root / k
-        return cache[key]
-    return get
 
 
 EXPECTED_ENGINE = {"ddp": "MULTI_CPU/zero-1/", "zero1": "DEEPSPEED/zero1/", "zero2": "DEEPSPEED/zero2/",

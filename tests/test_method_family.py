@@ -233,3 +233,16 @@ def test_a_stateful_method_keeps_its_absent_tasks_state():
                                    lambda: torch.tensor([1.0, 2.0], dtype=torch.float64)), state)
         for k, v in state.items():
             assert torch.equal(v[[0, 2]], before[k][[0, 2]]), f"{name}: {k} of an absent task changed"
+
+
+def test_gls_and_stch_weights_are_the_gradients_of_their_objectives():
+    from mtbert.optim.loss_weighting import gls_coefficients, stch_coefficients
+    L = torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(L.prod().pow(1 / 3), L)  # the geometric mean, written as a product
+    assert torch.allclose(gls_coefficients(L.detach()), g, rtol=1e-12)
+    nadir = torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64)
+    assert torch.allclose(stch_coefficients(L.detach(), nadir, 1.0), torch.tensor([1, 1, 0.5], dtype=torch.float64))
+    for mu in (0.1, 1.0, 3.0):  # 3 mu log sum exp(log(L / z) / mu)
+        (g,) = torch.autograd.grad(3 * mu * torch.logsumexp((L / nadir).log() / mu, 0), L)
+        assert torch.allclose(stch_coefficients(L.detach(), nadir, mu), g, rtol=1e-12)
+    assert torch.allclose(stch_coefficients(L.detach(), None, 1.0), 1 / L.detach())  # the warm-up: sum log L

@@ -18,10 +18,11 @@ path (one backward of a weighted sum of the task losses). A registry is a plain 
   losses, (prod_k L_k)^(1/k), as exp(mean log L_k) (a product of many small losses underflows);
   its gradient weights each task by Gbar / (k L_k).
 - ``stch``: smooth Tchebycheff scalarisation (Lin et al. 2024) on the log losses:
-  mu log sum_k exp(log(L_k / z_k) / mu), z the "nadir" losses, after ``method.stch_warmup``
+  k mu log sum_k exp(log(L_k / z_k) / mu), z the "nadir" losses, after ``method.stch_warmup``
   steps of sum_k log L_k whose mean global losses become z (the authors' code warms up for four
   epochs and takes the fourth's mean; a fine-tuning run of one to three epochs has steps, not
-  epochs, to spare). Its gradient weights task k by softmax(log(L_k / z_k) / mu)_k / L_k.
+  epochs, to spare). Its gradient weights task k by k softmax(log(L_k / z_k) / mu)_k / L_k (the
+  factor k, LibMTL's, keeps the scale of the warm-up's sum of log losses).
 
 Everything a weight depends on is global: the losses are the global batch's (the ranks'
 share-weighted losses averaged, K floats all-reduced), the state is updated from them only and
@@ -160,10 +161,10 @@ def _gls(parts, inputs, state):
 
 def stch_coefficients(losses: torch.Tensor, nadir: torch.Tensor | None, mu: float) -> torch.Tensor:
     """d/dL_k of the step's objective: sum_k log L_k during the warm-up (nadir None), else
-    mu log sum_k exp(log(L_k / z_k) / mu) (the max is subtracted inside the softmax: no overflow)."""
+    k mu log sum_k exp(log(L_k / z_k) / mu) (the max is subtracted inside the softmax: no overflow)."""
     if nadir is None:
         return 1.0 / (losses + LOG_EPS)
-    return torch.softmax((losses / nadir + LOG_EPS).log() / mu, 0) / (losses + LOG_EPS)
+    return len(losses) * torch.softmax((losses / nadir + LOG_EPS).log() / mu, 0) / (losses + LOG_EPS)
 
 
 def _stch(parts, inputs, state):
