@@ -137,7 +137,15 @@ def _write_error(what: Path, e: Exception, rank: int) -> CheckpointWriteError:
     return CheckpointWriteError(f"rank {rank} could not write {what}: {why}")
 
 
-def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
+def rank_file(folder: Path, rank: int) -> Path:
+    """A method's per-coordinate state on one rank (its columns: only that rank has them)."""
+    return folder / f"method_columns.rank{rank}.safetensors"
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, keep_last: int,
+                    rank_state: dict | None = None) -> Path:
+    """``rank_state``: tensors this rank alone holds (a method's per-coordinate state), written by
+    every rank into the checkpoint beside Accelerate's files (and so into its manifest)."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
     main, rank = accelerator.is_main_process, accelerator.process_index
@@ -148,6 +156,9 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
             tmp.mkdir()
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        if rank_state:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous().cpu() for k, v in rank_state.items()}, str(rank_file(tmp, rank)))
     except Exception as e:  # see _write_error
         raise _write_error(tmp, e, rank) from e
     accelerator.wait_for_everyone()
@@ -173,6 +184,15 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
 
 def read_trainer_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
+
+
+def load_rank_state(path: Path, rank: int, device) -> dict | None:
+    """This rank's per-coordinate method state from a checkpoint, or None if it has none."""
+    f = rank_file(path, rank)
+    if not f.exists():
+        return None
+    from safetensors.torch import load_file
+    return {k: v.to(device) for k, v in load_file(str(f)).items()}
 
 
 def load_checkpoint(accelerator, path: Path) -> dict:

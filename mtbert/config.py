@@ -202,7 +202,8 @@ class MethodCfg:
     with the plain combined gradient), `mgda`, `cagrad`, `imtl_g`, `aligned_mtl`, `upgrad`,
     `dualproj`, `nash_mtl`, `gradvac`, `fairgrad`, `config` (ConFIG), `pcd` (priority-constrained
     descent), `sdmgrad`, `modo`, `cr_mogm`, `gradnorm`, `krum`; coordinate-wise on the per-task
-    gradients: `trimmed_mean`, `graddrop`. Sources: --help's method list."""
+    gradients: `trimmed_mean`, `graddrop`, and with per-coordinate state `excess_mtl`, `moco`,
+    `db_mtl`. Sources: --help's method list."""
     pcgrad_reduction: str = "sum"
     """PCGrad update: `sum` of projected gradients (Yu et al. 2020) or `mean`."""
     reducer: str = "allreduce"
@@ -253,6 +254,14 @@ class MethodCfg:
     """Multi-Krum: how many of the best-scored task gradients are averaged."""
     trim: int = 1
     """TrimmedMean: values dropped at each end per coordinate (at most (k - 1) // 2)."""
+    excess_eta: float = 1.0
+    """ExcessMTL: the robust step size eta of the weights' multiplicative update (torchjd's 1)."""
+    moco_gamma: float = 0.1
+    """MoCo: step size of the weights (decayed as 1/sqrt(t); LibMTL's and torchjd's 0.1)."""
+    moco_rho: float = 0.0
+    """MoCo: rho, the weights' L2 regulariser (LibMTL's and torchjd's 0)."""
+    dbmtl_beta: float = 0.9
+    """DB-MTL: the EMA rate of the log-loss gradient buffers (LibMTL's 0.9)."""
     stch_mu: float = 1.0
     """STCH: the smoothing mu of the Tchebycheff scalarisation (Lin et al. 2024 use 1)."""
     stch_warmup: int = 50
@@ -312,7 +321,7 @@ class Config:
 LOSS_METHODS = ("sum", "mean", "rlw", "uw", "dwa", "famo", "gls", "stch")  # summed path: one backward
 GRADIENT_METHODS = ("pcgrad", "gse", "mgda", "cagrad", "imtl_g", "aligned_mtl", "upgrad", "dualproj", "nash_mtl",
                     "gradvac", "fairgrad", "config", "pcd", "sdmgrad", "modo", "cr_mogm", "gradnorm", "krum",
-                    "trimmed_mean", "graddrop")  # per-task gradients
+                    "trimmed_mean", "graddrop", "excess_mtl", "moco", "db_mtl")  # per-task gradients
 
 
 def per_task(method_name: str) -> bool:
@@ -604,6 +613,9 @@ def _check_method_family(cfg: Config) -> None:
                         ("method.krum_byzantine", m.krum_byzantine, m.krum_byzantine >= 0),
                         ("method.krum_selected", m.krum_selected, m.krum_selected >= 1),
                         ("method.trim", m.trim, m.trim >= 0),
+                        ("method.excess_eta", m.excess_eta, m.excess_eta > 0),
+                        ("method.moco_gamma", m.moco_gamma, m.moco_gamma > 0), ("method.moco_rho", m.moco_rho, m.moco_rho >= 0),
+                        ("method.dbmtl_beta", m.dbmtl_beta, 0 <= m.dbmtl_beta < 1),
                         ("method.stch_mu", m.stch_mu, m.stch_mu > 0), ("method.stch_warmup", m.stch_warmup,
                                                                          m.stch_warmup >= 0),
                         ("method.uw_lr", m.uw_lr, m.uw_lr > 0)):

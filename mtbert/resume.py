@@ -92,7 +92,8 @@ def save_run(run: Run) -> None:
     state = {**vars(run.state), "sampler": run.sampler.state_dict(), "window": run.window.state_dict(),
              "settings": run.settings, "scaler": run.scaler.state_dict() if run.scaler else None,
              "method_state": state_to_json(run.stepper.method_state)}  # GradVac/Nash-MTL/DWA/FAMO: identical on all ranks
-    ckpt.save_checkpoint(run.accelerator, run.run_dir, run.state.step, state, run.cfg.train.keep_last)
+    ckpt.save_checkpoint(run.accelerator, run.run_dir, run.state.step, state, run.cfg.train.keep_last,
+                         run.stepper.column_state)  # ExcessMTL/MoCo/DB-MTL: per rank, beside its columns
 
 
 def choose_checkpoint(run_dir: Path, resume: bool, settings: dict, is_main: bool, coll) -> Path | None:
@@ -126,6 +127,7 @@ def resume_run(run: Run, chosen: Path | None) -> None:
     if run.scaler and saved.get("scaler"):
         run.scaler.load_state_dict(saved["scaler"])
     run.stepper.method_state = state_from_json(saved.get("method_state", {}))
+    run.stepper.column_state = ckpt.load_rank_state(chosen, run.accelerator.process_index, run.accelerator.device)
     run.reporter.truncate_after(run.state.step)
     run.reporter.print(f"resumed from {chosen} at step {run.state.step}")
     run.resumed = True

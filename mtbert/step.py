@@ -86,6 +86,7 @@ class Stepper:
         # Per-task forwards: on the module itself (DDP must not see K backward passes), except
         # with sharded parameters (ZeRO-3, FSDP2), whose forward hooks gather them.
         self.task_model = self.model if self.engine.forward_through_wrapper else self.module
+        self.column_state = None  # per-coordinate state of a coordinate-wise method, made at its first step
         if self.per_task:  # the engine knows where per-task gradients live (full rows or partitions)
             self.buffers = self.engine.make_buffers(self.module, tasks, collectives.world, cfg.method.gram_blocks)
             self.reducer = self.engine.make_reducer(cfg.method.reducer, collectives, len(tasks))
@@ -207,9 +208,13 @@ class Stepper:
         name = self.cfg.method.name
         inputs = GramInputs(gram_cpu, self._task_index(present), seeded_generator(self.cfg.train.seed, step),
                             self.cfg.method, lambda: self._global_losses([losses[t] for t in present]))
-        if aggregators.is_coordinate_wise(name):  # TrimmedMean, GradDrop: on the columns where they lie
+        if aggregators.is_coordinate_wise(name):  # TrimmedMean, GradDrop, ...: on the columns where they lie
             coords = self.reducer.local_columns(self.buffers.coordinates(self.collectives.rank, self.collectives.world))
-            updates = [aggregators.combine_columns(name, local_rows, coords, inputs)]  # [[n]]
+            if self.column_state is None:  # [K, n] beside this rank's columns (ExcessMTL, MoCo, DB-MTL)
+                self.column_state = aggregators.initial_column_state(name, len(self.tasks), local_rows.shape[1],
+                                                                     local_rows)
+            inputs.column_state, inputs.sum_partials = self.column_state, self.reducer.sum_partials
+            updates = [aggregators.combine_columns(name, local_rows, coords, inputs, self.method_state)]  # [[n]]
         else:
             updates = aggregators.aggregate(name, inputs, self.method_state)  # each [L, k]
             if self.cfg.method.conflict_stats and len(present) > 1:

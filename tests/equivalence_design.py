@@ -206,11 +206,11 @@ EXTRA += [extra(method="sum", precision="fp16", args=FP16_OVERFLOW),
 # per-task method can take -- DDP with the all-reduce and the sharded reducer, ZeRO-2 (DeepSpeed
 # steps the combined gradient), ZeRO-3 (the update formed on each rank's partitions) -- ranks 2 and
 # 3 in turn (so each method meets both counts and each path both); the coordinate-wise ones on
-# FSDP2's shards too (their coordinates are the engines' own), the loss weightings on their three
-# engines. The methods' logic is checked on Grams in tests/test_method_family.py; here what
+# FSDP2's shards too (their coordinates and per-coordinate state are the engines' own), the loss
+# weightings on their three engines. The methods' logic is checked on Grams in tests/test_method_family.py; here what
 # distribution can break: their state, the global losses (GradNorm), the per-coordinate draws.
 NEW_GRAM = ("fairgrad", "config", "pcd", "sdmgrad", "modo", "cr_mogm", "gradnorm", "krum")
-COLUMNS = ("trimmed_mean", "graddrop")
+COLUMNS = ("trimmed_mean", "graddrop", "excess_mtl", "moco", "db_mtl")
 NEW_SUMMED = ("gls", "stch")
 PATHS = (("ddp", "allreduce"), ("ddp", "sharded"), ("zero2", "allreduce"), ("zero3", "sharded"))
 for _m in (*NEW_GRAM, *COLUMNS, *NEW_SUMMED):
@@ -244,6 +244,14 @@ FAULTS: list[dict] = [
 # A preemption and resume inside a launch group: ZeRO-3 with the weight average (its partitions are
 # gathered into the checkpoint and sliced back on resume), stopped by SIGUSR1 after step 2 of 6,
 # resumed by the same command, against the same run uninterrupted (tests/test_weight_average.py).
+# The same for a method's per-coordinate state (MoCo's tracked gradients, on each rank's ZeRO-3
+# partitions, written per rank into the checkpoint): stopped after step 2 of 6 and resumed.
+_MOCO_ZERO3 = ("--method.name=moco", "--heads.sts.weight=0.01", "--train.epoch_steps=6", "--train.log_every=1",
+               "--model.dropout=0", "--train.checkpoint_every=3", "--data.batch_size=4")
+FAULTS += [{"name": "moco-zero3-whole", "engine": "zero3", "ranks": 2, "args": _MOCO_ZERO3},
+           {"name": "moco-zero3-stopped", "engine": "zero3", "ranks": 2, "args": _MOCO_ZERO3, "stop_at_step": 2},
+           {"name": "moco-zero3-resumed", "engine": "zero3", "ranks": 2, "args": _MOCO_ZERO3,
+            "same_run": "moco-zero3-stopped"}]
 _EMA_ZERO3 = ("--method.name=pcgrad", "--train.ema_decay=0.5", "--train.epoch_steps=6", "--train.log_every=1",
               "--model.dropout=0", "--train.checkpoint_every=3", "--data.batch_size=4")
 FAULTS += [{"name": "ema-zero3-whole", "engine": "zero3", "ranks": 2, "args": _EMA_ZERO3},

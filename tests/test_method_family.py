@@ -246,3 +246,72 @@ def test_gls_and_stch_weights_are_the_gradients_of_their_objectives():
         (g,) = torch.autograd.grad(3 * mu * torch.logsumexp((L / nadir).log() / mu, 0), L)
         assert torch.allclose(stch_coefficients(L.detach(), nadir, mu), g, rtol=1e-12)
     assert torch.allclose(stch_coefficients(L.detach(), None, 1.0), 1 / L.detach())  # the warm-up: sum log L
+
+
+def _column_run(name: str, steps: list[torch.Tensor], cfg: MethodCfg | None = None, losses=None):
+    """One process, whole rows: the updates of a per-coordinate-state method over several steps."""
+    from mtbert.optim.aggregators import combine_columns, initial_column_state
+    K = steps[0].shape[0]
+    cfg = cfg or MethodCfg(name=name)
+    state, cols, out = initial_state(name, K, 1), initial_column_state(name, K, steps[0].shape[1], steps[0]), []
+    for i, rows in enumerate(steps):
+        L = losses[i] if losses is not None else torch.ones(K, dtype=torch.float64)
+        inputs = GramInputs(None, torch.arange(K), None, cfg, lambda L=L: L, cols)
+        out.append(combine_columns(name, rows, None, inputs, state))
+    return out, state, cols
+
+
+def test_excess_mtl_weights_grow_with_the_excess_risk_on_the_simplex():
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(3, 50, generator=g, dtype=torch.float64) * torch.tensor([[1.0], [1.0], [3.0]],
+                                                                                   dtype=torch.float64)
+             for _ in range(4)]
+    out, state, cols = _column_run("excess_mtl", steps)
+    assert torch.allclose(out[0], steps[0].mean(0))  # the first step records e0: uniform weights
+    a = state["a"]
+    assert torch.isclose(a.sum(), torch.tensor(1.0, dtype=torch.float64)) and (a > 0).all()
+    S = sum(s * s for s in steps)
+    assert torch.equal(cols["S"], S), "the running sum of squared gradients, per coordinate"
+    # the reference recurrence (torchjd's ExcessMTL after LibMTL's first step)
+    S_, a_, e0 = torch.zeros_like(steps[0]), torch.full((3,), 1 / 3, dtype=torch.float64), None
+    for rows in steps:
+        S_ += rows * rows
+        e = (rows * rows / (S_ + 1e-7).sqrt()).sum(1)
+        if e0 is None:
+            e0 = e
+            continue
+        a_ = a_ * torch.exp(e / (e0 + 1e-7))
+        a_ = a_ / a_.sum()
+    assert torch.allclose(a, a_, rtol=1e-12) and torch.allclose(out[-1], a_ @ steps[-1], rtol=1e-12)
+
+
+def test_moco_tracks_the_gradients_and_steps_along_the_estimates():
+    g = torch.Generator().manual_seed(1)
+    steps = [torch.randn(3, 40, generator=g, dtype=torch.float64) for _ in range(3)]
+    cfg = MethodCfg(name="moco", moco_gamma=0.1, moco_rho=0.1)
+    out, state, cols = _column_run("moco", steps, cfg)
+    Y, lam = torch.zeros_like(steps[0]), torch.full((3,), 1 / 3, dtype=torch.float64)
+    for t, rows in enumerate(steps, 1):  # the paper's recurrence with LibMTL's/torchjd's softmax
+        Y = Y - 0.5 / t ** 0.5 * (Y - rows)
+        lam = torch.softmax(lam - 0.1 / t ** 0.5 * (Y @ Y.T @ lam + 0.1 * lam), 0)
+        if t == 1:
+            assert torch.allclose(Y, 0.5 * steps[0])  # torchjd's first-call value
+    assert torch.allclose(cols["Y"], Y, rtol=1e-12) and torch.allclose(state["lam"], lam, rtol=1e-12)
+    assert torch.allclose(out[-1], lam @ Y, rtol=1e-12), "the update is lambda^T Y, not this step's gradients"
+
+
+def test_db_mtl_scales_every_buffer_to_the_largest_norm():
+    g = torch.Generator().manual_seed(2)
+    steps = [torch.randn(3, 30, generator=g, dtype=torch.float64) * torch.tensor([[0.1], [1.0], [10.0]],
+                                                                                  dtype=torch.float64)
+             for _ in range(3)]
+    losses = [torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)] * 3
+    out, state, cols = _column_run("db_mtl", steps, losses=losses)
+    B = torch.zeros_like(steps[0])
+    for rows, L in zip(steps, losses):
+        B = 0.9 * B + 0.1 * rows / (L[:, None] + 1e-8)
+    assert torch.allclose(cols["B"], B, rtol=1e-12)
+    norms = B.norm(dim=1)
+    assert torch.allclose(out[-1], ((norms.max() / (norms + 1e-8))[:, None] * B).sum(0), rtol=1e-12)
+    scaled = (norms.max() / (norms + 1e-8))[:, None] * B
+    assert torch.allclose(scaled.norm(dim=1), norms.max().expand(3), rtol=1e-6), "every term at the largest norm"

@@ -159,6 +159,18 @@ METHODS: dict[str, MethodSpec] = {
         "GradDrop", "Chen et al. 2020: gradient sign dropout, one draw per global coordinate",
         ("--method.name=graddrop",), "optim/aggregators/robust.py (columns; coordinate_uniform: a counter-based "
         "hash); engines' coordinates()", "method.gram_blocks=layer (not a Gram method)"),
+    "excess_mtl": MethodSpec(
+        "ExcessMTL", "He et al. 2024: weights grow with each task's excess risk (AdaGrad's diagonal; per-coordinate "
+        "state)", ("--method.name=excess_mtl",), "optim/aggregators/tracking.py (column state beside the rows, "
+        "checkpointed per rank)", "method.gram_blocks=layer (not a Gram method)"),
+    "moco": MethodSpec(
+        "MoCo", "Fernando et al. 2023: tracked gradient estimates Y and their weights; the update is lambda^T Y",
+        ("--method.name=moco",), "optim/aggregators/tracking.py (Y beside the rows, checkpointed per rank)",
+        "method.gram_blocks=layer (not a Gram method)"),
+    "db_mtl": MethodSpec(
+        "DB-MTL", "Lin et al. 2023: log-loss gradients averaged, scaled to the largest norm",
+        ("--method.name=db_mtl",), "optim/aggregators/tracking.py (buffers beside the rows, checkpointed per rank)",
+        "method.gram_blocks=layer (not a Gram method)"),
     # -- loss weighting: no per-task gradients, the summed path --
     "rlw": MethodSpec(
         "RLW", "Lin et al. 2022: random loss weights, softmax of N(0, I) per step",

@@ -220,6 +220,10 @@ class LocalReducer:
         """The global coordinates of the columns ``reduce`` returned (all of them here)."""
         return coords
 
+    def sum_partials(self, t: torch.Tensor) -> torch.Tensor:
+        """A sum over the columns ``reduce`` returned -> over every coordinate (here: whole rows)."""
+        return t
+
 
 def _ring_bytes(t: torch.Tensor, world: int, passes: int = 2) -> int:
     """Bytes one rank sends for t under the ring model (all-reduce: 2 passes, RS/AG: 1)."""
@@ -277,6 +281,9 @@ class ShardedReducer(AllReduceReducer):
         n = coords.numel() // self.world
         return coords[self.coll.rank * n:(self.coll.rank + 1) * n]
 
+    def sum_partials(self, t: torch.Tensor) -> torch.Tensor:
+        return _sum_over_ranks(self.coll, t)
+
     def finish(self, update: torch.Tensor) -> int:
         """The update was formed on this rank's columns (first P/N of ``update``): gather all."""
         n = update.numel() // self.world
@@ -302,6 +309,16 @@ class GramOnlyReducer(LocalReducer):
 
     def finish(self, update: torch.Tensor) -> int:
         return 0
+
+    def sum_partials(self, t: torch.Tensor) -> torch.Tensor:
+        return _sum_over_ranks(self.coll, t)
+
+
+def _sum_over_ranks(coll, t: torch.Tensor) -> torch.Tensor:
+    """Each rank's partial sums (its columns) -> the sums over every column, on every rank."""
+    out = t.to(coll.device).clone()
+    coll.all_reduce_sum_(out)
+    return out.to(t.device)
 
 
 def make_reducer(kind: str, coll: Collectives, K: int):

@@ -12,6 +12,7 @@ weights and keeps the same state without communicating.
     conditioned.py  config, pcd (stateful: the gradients' norm EMA)
     stochastic.py   sdmgrad, modo, cr_mogm, gradnorm (stateful: the weights)
     robust.py       krum; trimmed_mean, graddrop (coordinate-wise: ``columns``, not weights)
+    tracking.py     excess_mtl, moco, db_mtl (coordinate-wise with per-coordinate state beside the rows)
 The loss-weighting methods (rlw, uw, dwa, famo, gls, stch) need no per-task gradients:
 optim/loss_weighting.py.
 """
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from mtbert.optim.aggregators import closed_form, conditioned, min_norm, nash, projection, robust, stochastic
+from mtbert.optim.aggregators import (closed_form, conditioned, min_norm, nash, projection, robust, stochastic,
+                                      tracking)
 from mtbert.optim.aggregators.base import AggregatorSpec, GramInputs, State
 
 
@@ -35,7 +37,7 @@ AGGREGATORS: dict[str, AggregatorSpec] = {
     "sum": AggregatorSpec(_ones("sum"), "summed losses (per-task path: for tests and benchmarks)"),
     "mean": AggregatorSpec(_ones("mean"), "mean of the task gradients"),
     **projection.SPECS, **min_norm.SPECS, **closed_form.SPECS, **nash.SPECS, **conditioned.SPECS,
-    **stochastic.SPECS, **robust.SPECS,
+    **stochastic.SPECS, **robust.SPECS, **tracking.SPECS,
 }
 
 
@@ -61,9 +63,16 @@ def update_weights(name: str, gram: torch.Tensor, generator=None, reduction: str
     return [w[0] for w in aggregate(name, inputs, state)]
 
 
-def combine_columns(name: str, rows: torch.Tensor, coords: torch.Tensor | None, inputs: GramInputs) -> torch.Tensor:
+def combine_columns(name: str, rows: torch.Tensor, coords: torch.Tensor | None, inputs: GramInputs,
+                    state: State) -> torch.Tensor:
     """A coordinate-wise method's update values on the rows where they lie: [k, n] -> [n]."""
-    return AGGREGATORS[name].columns(rows, coords, inputs)
+    return AGGREGATORS[name].columns(rows, coords, inputs, state)
+
+
+def initial_column_state(name: str, K: int, n: int, like: torch.Tensor) -> dict:
+    """Per-coordinate state beside ``n`` columns of rows like ``like`` (empty: none)."""
+    spec = AGGREGATORS.get(name)
+    return spec.column_state(K, n, like) if spec is not None and spec.column_state else {}
 
 
 def is_coordinate_wise(name: str) -> bool:
@@ -92,4 +101,4 @@ def conflict_stats(gram: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
 
 
 __all__ = ["AGGREGATORS", "AggregatorSpec", "GramInputs", "aggregate", "combine_columns", "conflict_stats",
-           "initial_state", "is_coordinate_wise", "update_weights"]
+           "initial_column_state", "initial_state", "is_coordinate_wise", "update_weights"]

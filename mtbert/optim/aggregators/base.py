@@ -29,14 +29,19 @@ class GramInputs:
     """The run's MethodCfg (hyper-parameters)."""
     global_losses: Callable[[], torch.Tensor] | None = None
     """-> [k] float64: the step's global task losses (one all-reduce of k floats; only when asked:
-    GradNorm)."""
+    GradNorm, DB-MTL)."""
+    column_state: dict | None = None
+    """A coordinate-wise method's per-coordinate state: name -> [K, n] beside this rank's rows."""
+    sum_partials: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    """Sums over this rank's columns -> sums over every coordinate (identity where each rank holds
+    whole rows; an all-reduce where it holds a shard, partitions or columns)."""
 
 
 State = dict  # name -> float64 tensor over all K tasks (and L blocks); JSON-saved in checkpoints
 WeightFn = Callable[[GramInputs, State], list]
 
 
-ColumnFn = Callable[[torch.Tensor, "torch.Tensor | None", GramInputs], torch.Tensor]
+ColumnFn = Callable[[torch.Tensor, "torch.Tensor | None", GramInputs, dict], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,9 @@ class AggregatorSpec:
     """Accepts a block Gram (L > 1): per-block weights (per-layer PCGrad, GradVac's targets)."""
     columns: ColumnFn | None = None
     """A coordinate-wise method (not a function of the Gram): (rows [k, n] where they lie, their
-    global coordinates [n] long (-1: padding), inputs) -> the update's [n] values."""
+    global coordinates [n] long (-1: padding), inputs, state) -> the update's [n] values."""
+    column_state: Callable[[int, int, torch.Tensor], dict] | None = None
+    """(K, n, a row) -> per-coordinate state beside the rows (checkpointed by every rank)."""
 
 
 def per_block(weights_of: Callable[[torch.Tensor, GramInputs], torch.Tensor]) -> WeightFn:

@@ -46,7 +46,7 @@ def _krum(gram, inputs: GramInputs):
     return krum_weights(gram, inputs.cfg.krum_byzantine, inputs.cfg.krum_selected)
 
 
-def trimmed_mean_columns(rows: torch.Tensor, coords: torch.Tensor | None, inputs: GramInputs) -> torch.Tensor:
+def trimmed_mean_columns(rows: torch.Tensor, coords: torch.Tensor | None, inputs: GramInputs, state=None) -> torch.Tensor:
     """rows [k, n] -> [n]."""
     k = rows.shape[0]
     b = min(inputs.cfg.trim, (k - 1) // 2)
@@ -76,7 +76,7 @@ def coordinate_uniform(coords: torch.Tensor, key: int) -> torch.Tensor:
     return ((x >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
 
 
-def graddrop_columns(rows: torch.Tensor, coords: torch.Tensor | None, inputs: GramInputs) -> torch.Tensor:
+def graddrop_columns(rows: torch.Tensor, coords: torch.Tensor | None, inputs: GramInputs, state=None) -> torch.Tensor:
     """rows [k, n], coords [n] (-1: padding) -> [n]."""
     key = int(torch.randint(0, 1 << 62, (1,), generator=inputs.generator))  # (seed, step): every rank alike
     u = coordinate_uniform(coords.to(rows.device), key).to(rows.dtype)
