@@ -155,6 +155,9 @@ class TrainCfg:
     """T of the temperature schedule (p ~ N^(1/T))."""
     eval_every: int = 0
     """Evaluate on dev every this many steps (0 = at the end of each epoch)."""
+    eval_at_start: bool = True
+    """Evaluate on dev before the first step (the untrained baseline). Off: one dev pass less per
+    run, for sweeps of short runs (the equivalence tests run ~350)."""
     log_every: int = 10
     """Write a train metrics line every this many steps."""
     keep_last: int = 2

@@ -28,7 +28,7 @@ from mtbert.run import LogWindow, Run, TrainState, global_mean_losses
 FREE_TO_CHANGE = {
     "train.out_dir", "train.resume", "train.progress", "train.log_every", "train.eval_every",
     "train.checkpoint_every", "train.keep_last", "train.max_bad_steps", "train.compile", "train.predict_test",
-    "data.dir", "data.eval_batch_size", "data.max_eval", "method.conflict_stats",
+    "data.dir", "data.eval_batch_size", "data.max_eval", "method.conflict_stats", "train.eval_at_start",
 }
 RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints", "summary.json")
 

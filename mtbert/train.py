@@ -344,7 +344,8 @@ def fit(run: Run) -> int:
     if code:  # asked during start-up (model load, tokenization): nothing to redo
         return code
     if state.step == 0 and state.evaluated < 0:  # (also after a stop during start-up)
-        evaluate_dev(run, "start")
+        if cfg.train.eval_at_start:
+            evaluate_dev(run, "start")
         state.evaluated = 0
     from tqdm.auto import tqdm
     bar = tqdm(total=run.total, initial=state.step, desc="train",

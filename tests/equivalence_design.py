@@ -158,7 +158,8 @@ GLOBAL_BATCH = 12  # = 2 x 6 = 3 x 4: 2- and 3-rank cases share their 1-process 
 # projects onto the normal plane of such a near-zero g_j by dot / ||g_j||^2, and the dot's sign
 # is then decided by rounding: the method itself is discontinuous there, on any engine.
 # Test predictions are off: the matrix compares training, not the prediction files.
-COMMON = [*NO_DROPOUT, "--train.epoch_steps=3", "--data.max_eval=8", "--train.grad_clip=1.0", "--train.warmup=0",
+COMMON = [*NO_DROPOUT, "--train.epoch_steps=3", "--data.max_eval=8", "--train.eval_at_start=false",
+          "--train.grad_clip=1.0", "--train.warmup=0",
           "--train.log_every=1", "--method.conflict_stats=false", "--heads.sts.kind=bi", "--train.predict_test=false"]
 
 

@@ -83,7 +83,44 @@ def task_file(spec, split: str, cfg) -> Path:
     return folder / (sample_name(path.name) if folder == SAMPLE_DIR else path)
 
 
+# Several runs in one process (mtbert.multirun: the tests' launch groups, sweeps of short runs)
+# read and tokenize the same files: the result is kept per (file as it is on disk, settings,
+# tokenizer). A run gets its own outer lists and labels; the token id lists are never modified.
+_TOKENIZED: dict[tuple, TokenizedSplit] = {}
+
+
+def _cache_key(spec, split: str, cfg, tokenizer, head_kind: str, path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (str(path.resolve()), st.st_mtime_ns, st.st_size, spec.name, spec.kind, spec.num_labels,
+            tuple(spec.label_range), tuple(sorted(spec.columns.items())), split, cfg.data.skip_bad_rows,
+            cfg.data.max_train if split == "train" else cfg.data.max_eval if split == "dev" else 0,
+            cfg.model.max_length, spec.pair and head_kind == "cross", getattr(tokenizer, "name_or_path", None),
+            len(tokenizer))
+
+
 def load_split(spec, split: str, cfg, tokenizer, head_kind: str, log=print) -> TokenizedSplit | None:
+    """Read and tokenize one split ('train', 'dev', 'test'); None if the task has no such file."""
+    key = None
+    if spec.source != "hub" and split in spec.files:
+        path = task_file(spec, split, cfg)
+        key = _cache_key(spec, split, cfg, tokenizer, head_kind, path)
+    if key is not None and key in _TOKENIZED:
+        kept = _TOKENIZED[key]
+        log(kept.report)
+        return TokenizedSplit(kept.task, list(kept.ids), list(kept.a), None if kept.b is None else list(kept.b),
+                              None if kept.types is None else list(kept.types),
+                              None if kept.labels is None else kept.labels.clone(), kept.report)
+    out = _load_split(spec, split, cfg, tokenizer, head_kind, log)
+    if key is not None and out is not None:
+        _TOKENIZED[key] = out
+        return load_split(spec, split, cfg, tokenizer, head_kind, lambda *a: None)  # a copy, not the kept one
+    return out
+
+
+def _load_split(spec, split: str, cfg, tokenizer, head_kind: str, log=print) -> TokenizedSplit | None:
     """Read and tokenize one split ('train', 'dev', 'test'); None if the task has no such file."""
     labeled = split != "test"
     if spec.source == "hub":
@@ -100,7 +137,8 @@ def load_split(spec, split: str, cfg, tokenizer, head_kind: str, log=print) -> T
     limit = cfg.data.max_train if split == "train" else cfg.data.max_eval if split == "dev" else 0
     if limit:
         examples = examples[:limit]
-    log(report.summary() + (f" (using {len(examples)})" if limit else ""))
+    line = report.summary() + (f" (using {len(examples)})" if limit else "")
+    log(line)
     L = cfg.model.max_length
     a_text = [e.text_a for e in examples]
     types = b = None
@@ -113,4 +151,4 @@ def load_split(spec, split: str, cfg, tokenizer, head_kind: str, log=print) -> T
         if spec.pair:
             b = tokenizer([e.text_b for e in examples], truncation=True, max_length=L)["input_ids"]
     labels = torch.tensor([e.label for e in examples], dtype=torch.float32) if labeled else None
-    return TokenizedSplit(spec.name, [e.id for e in examples], a, b, types, labels, report.summary())
+    return TokenizedSplit(spec.name, [e.id for e in examples], a, b, types, labels, line)
