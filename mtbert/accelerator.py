@@ -62,9 +62,40 @@ def make_accelerator(cfg):
         _refuse_deepspeed_fp16(accelerator.state.deepspeed_plugin.deepspeed_config)
     if zero_stage(accelerator) == 3:
         _refuse_unproved_zero3(cfg, accelerator.state.deepspeed_plugin.deepspeed_config)
+    if accelerator.num_processes > 1:
+        refuse_unproved_new_method(cfg, zero_stage(accelerator), fsdp, "fp16" if fp16 else accelerator.mixed_precision)
     device = accelerator.device.type
     autocast = (lambda: torch.autocast(device, dtype=torch.float16)) if fp16 else None
     return accelerator, autocast, LossScaler(cfg.train.fp16_loss_scale) if fp16 else None
+
+
+# The methods of issue 25 are proved on several processes (tests/equivalence_design.py, FAMILY) with
+# round-robin fp32 steps and no option of the design's other factors, on these engines only.
+NEW_METHODS = {"fairgrad", "config", "pcd", "sdmgrad", "modo", "cr_mogm", "gradnorm", "krum", "trimmed_mean",
+               "graddrop", "excess_mtl", "moco", "db_mtl", "gls", "stch"}
+COORDINATE_WISE = {"trimmed_mean", "graddrop", "excess_mtl", "moco", "db_mtl"}  # also proved on FSDP2
+
+
+def refuse_unproved_new_method(cfg, stage: int, fsdp: bool, precision: str) -> None:
+    """Refused before any work, naming the fields: what the matrix has not yet run them with."""
+    m = cfg.method.name
+    if m not in NEW_METHODS:
+        return
+    from mtbert.config import Config
+    d = Config()
+    fields = [f for f, unproved in (
+        ("train.schedule", cfg.train.schedule != d.train.schedule),
+        ("train.grad_accum", cfg.train.grad_accum != 1),
+        ("train.precision", precision != "no"),
+        ("method.pairwise", cfg.method.pairwise), ("method.arrp_batches", cfg.method.arrp_batches != 0),
+        ("method.smart", cfg.method.smart), ("model.sharing", cfg.model.sharing != d.model.sharing),
+        ("train.train_tasks", bool(cfg.train.train_tasks)), ("train.ema_decay", cfg.train.ema_decay != 0),
+        ("the launch's engine (ZeRO-1)", stage == 1),
+        ("the launch's engine (FSDP2)", fsdp and m not in COORDINATE_WISE)) if unproved]
+    if fields:
+        raise ConfigError(f"method.name={m} on several processes is proved with round-robin fp32 steps on DDP, ZeRO-2, "
+                          f"ZeRO-3{' and FSDP2' if m in COORDINATE_WISE else ''} only; not yet with "
+                          f"{', '.join(fields)} (docs/method-family.md); run 1 process or leave them at their defaults")
 
 
 def _refuse_deepspeed_fp16(ds_config: dict) -> None:

@@ -315,3 +315,22 @@ def test_db_mtl_scales_every_buffer_to_the_largest_norm():
     assert torch.allclose(out[-1], ((norms.max() / (norms + 1e-8))[:, None] * B).sum(0), rtol=1e-12)
     scaled = (norms.max() / (norms + 1e-8))[:, None] * B
     assert torch.allclose(scaled.norm(dim=1), norms.max().expand(3), rtol=1e-6), "every term at the largest norm"
+
+
+def test_the_new_methods_are_refused_on_several_processes_where_the_matrix_has_not_run_them():
+    from mtbert.accelerator import refuse_unproved_new_method
+    from mtbert.config import ConfigError, parse_args
+    proved = parse_args(["--method.name=graddrop"])
+    for stage, fsdp in ((0, False), (2, False), (3, False), (0, True)):
+        refuse_unproved_new_method(proved, stage, fsdp, "no")  # what FAMILY runs: accepted
+    for extra, field in ((["--train.schedule=proportional"], "train.schedule"), (["--train.grad_accum=2"], "train.grad_accum"),
+                         (["--method.smart=true"], "method.smart"), (["--train.ema_decay=0.5"], "train.ema_decay")):
+        with pytest.raises(ConfigError, match=field):
+            refuse_unproved_new_method(parse_args(["--method.name=moco", *extra]), 0, False, "no")
+    with pytest.raises(ConfigError, match="train.precision"):
+        refuse_unproved_new_method(proved, 2, False, "bf16")
+    with pytest.raises(ConfigError, match="ZeRO-1"):
+        refuse_unproved_new_method(proved, 1, False, "no")
+    with pytest.raises(ConfigError, match="FSDP2"):
+        refuse_unproved_new_method(parse_args(["--method.name=krum"]), 0, True, "no")
+    refuse_unproved_new_method(parse_args(["--method.name=pcgrad", "--train.grad_accum=2"]), 1, False, "bf16")  # proved
