@@ -133,6 +133,8 @@ class ShardRows(TaskRows):
     def coordinates(self, rank: int, world: int) -> torch.Tensor:
         """[P_local] each column's global coordinate (the place of its element in the shared
         parameters, module order, as in the 1-process rows): a dim-0 shard is a contiguous run."""
+        if getattr(self, "_coords", None) is not None:  # fixed for the run: made once, not per step
+            return self._coords
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
         parts, base = [], 0
         for p in self.shared:
@@ -144,7 +146,8 @@ class ShardRows(TaskRows):
                 start = 0
             parts.append(base + start + torch.arange(n))
             base += p.numel()
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        self._coords = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        return self._coords
 
     def start(self, present: list[str], attach: bool = False) -> None:
         for t in present:
