@@ -55,8 +55,9 @@ def finished(run_dir: Path, overrides: list[str]) -> bool:
     settings that do not change what is trained)."""
     if not (run_dir / "summary.json").exists():
         return False
-    from mtbert.config import parse_args, to_dict
-    from mtbert.resume import run_settings
+    from mtbert.config.cli import parse_args
+    from mtbert.config.schema import to_dict
+    from mtbert.training.resume import run_settings
     want = run_settings(json.loads(json.dumps(to_dict(parse_args(overrides)))), 1, "")
     have = run_settings(json.loads((run_dir / "config.json").read_text()), 1, "")
     if want.get("train.idle_params") == "auto":  # resolved to `keep` in config.json (1 process, no DeepSpeed)
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     if pcgrad in dirs:
         base = dirs[pcgrad]
         t0 = time.time()
-        res = subprocess.run([sys.executable, "-m", "mtbert.methods.ensemble", str(base),
+        res = subprocess.run([sys.executable, "-m", "mtbert.training.ensemble", str(base),
                               f"--train.epoch_steps={max(1, args.steps // 3)}", "--train.progress=false"],
                              cwd=ROOT, capture_output=True, text=True)
         if res.returncode != 0:

@@ -12,7 +12,7 @@ threads_per_rank() { local n=$(( ${SLURM_CPUS_PER_TASK:-1} / ${1:-1} )); echo $(
 # launcher_shielded CMD...: run CMD (accelerate launch) deaf to TERM and USR1. Ignored signals
 # stay ignored across exec, and torch elastic is told not to install its own TERM handler
 # (PET_SIGNALS_TO_HANDLE): a launcher that dies or tears its workers down on a job-wide TERM
-# kills the ranks mid-checkpoint (they die with it: mtbert/process.py). The ranks install
+# kills the ranks mid-checkpoint (they die with it: mtbert/training/process.py). The ranks install
 # their own handlers first thing; the launcher exits when they have checkpointed and exited.
 # Use it as `launcher_shielded CMD... &`: the background subshell itself execs CMD, so $! is the
 # launcher (a wrapping shell would die of the TERM and make the wait below end too early).

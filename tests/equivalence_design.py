@@ -231,7 +231,7 @@ EXTRA += FAMILY
 # the field the message names). tests/test_distributed.py checks each in its launch group.
 REFUSALS: list[dict] = [
     {"engine": "zero2", "ranks": 2, "args": ("--train.idle_params=keep",), "field": "train.idle_params"},
-    # a method of issue 25 with a setting the matrix has not run it with (mtbert/accelerator.py)
+    # a method of issue 25 with a setting the matrix has not run it with (mtbert/distributed/accelerator.py)
     {"engine": "ddp", "ranks": 2, "args": ("--method.name=moco", "--train.grad_accum=2"), "field": "method.name"}]
 
 # Faults injected into runs of the launch groups (tests/test_reliability.py checks them): NaN task

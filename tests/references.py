@@ -5,7 +5,7 @@ with that setting; under bf16 DeepSpeed holds bf16 parameters itself, so its ref
 same DeepSpeed config launched with 1 process (one launch for all of them, each case with its
 config's launch environment).
 
-The plain references run as one ``python -m mtbert.multirun`` (1 process, as ``python
+The plain references run as one ``python -m mtbert.training.multirun`` (1 process, as ``python
 mtbert/train.py`` runs) started in the background when the first launch group starts: the
 groups leave a core partly idle (launcher start-up, collectives), the references use it. A
 reference that the background run did not produce is computed in this process instead.
@@ -59,7 +59,7 @@ class References:
         plan.write_text(json.dumps({"results": str(self.results), "cases": [
             {"id": k, "args": tiny_args(self.ckpt, self.root / k, *reference_args(c))} for k, c in todo.items()]}))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.background = subprocess.Popen([sys.executable, "-m", "mtbert.multirun", str(plan)], cwd=ROOT, env=env,
+        self.background = subprocess.Popen([sys.executable, "-m", "mtbert.training.multirun", str(plan)], cwd=ROOT, env=env,
                                            stdout=open(self.root / "plain.log", "w"),  # noqa: SIM115 - the process owns it
                                            stderr=subprocess.STDOUT)
 

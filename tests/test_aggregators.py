@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.optimize import minimize, nnls, root
 
-from mtbert.config import MethodCfg
+from mtbert.config.schema import MethodCfg
 from mtbert.optim.aggregators import AGGREGATORS, update_weights
 from mtbert.optim.gradients import block_gram, block_ranges
 

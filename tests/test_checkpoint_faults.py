@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,16 +103,53 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_ckpt, tmp_path, 
     assert result.returncode != 0 and "config error: train.resume:" in out and "processes: 1 -> 2" in out, out[-3000:]
 
 
+def mtbert_classes_pickled(folder: Path) -> dict[str, set[str]]:
+    """file -> the mtbert modules its pickles name (GLOBAL / STACK_GLOBAL opcodes; a torch file is a
+    zip of pickles). Empty: the checkpoints hold tensors and plain values only, so moving or renaming
+    mtbert's modules (the package layout of issue 26) cannot break loading an older checkpoint."""
+    import pickletools
+    import zipfile
+    found = {}
+    for path in folder.rglob("*"):
+        if not path.is_file() or path.suffix in (".json", ".safetensors"):
+            continue
+        blobs = ([zipfile.ZipFile(path).read(n) for n in zipfile.ZipFile(path).namelist() if n.endswith(".pkl")]
+                 if zipfile.is_zipfile(path) else [path.read_bytes()])
+        for blob in blobs:
+            strings, memo, names = [None, None], {}, set()  # the strings pushed, in order; the memo
+            try:
+                for op, arg, _ in pickletools.genops(blob):
+                    if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                        strings.append(arg)
+                    elif op.name == "MEMOIZE":
+                        memo[len(memo)] = strings[-1]
+                    elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                        memo[arg] = strings[-1]
+                    elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                        strings.append(memo.get(arg))
+                    elif op.name == "GLOBAL":
+                        names.add(arg.split(" ")[0])
+                    elif op.name == "STACK_GLOBAL":
+                        names.add(str(strings[-2]))
+            except Exception:  # not a pickle (e.g. raw bytes): nothing to import
+                continue
+            if mtbert := {n for n in names if n.split(".")[0] == "mtbert"}:
+                found[str(path.relative_to(folder))] = mtbert
+    return found
+
+
 def test_a_checkpoint_from_before_a_new_field_resumes_with_its_default(tiny_ckpt, tmp_path, capsys):
     """A checkpoint written before train.layer_lr_decay existed lacks it in its settings: it trained
     with the default, so a resume with the default continues and one with another value is refused."""
     import json
-    from mtbert.checkpoint import write_manifest
+
+    from mtbert.training.checkpoint import write_manifest
     run = tmp_path / "run"
     args = tiny_args(tiny_ckpt, run, "--train.epoch_steps=4", "--train.checkpoint_every=2")
     assert run_main(args) == 0
     states = sorted(run.glob("checkpoints/*/trainer_state.json"))
     assert states
+    assert not mtbert_classes_pickled(run / "checkpoints"), "a checkpoint would not load once that module moved"
     for path in states:  # as an older mtbert wrote them
         state = json.loads(path.read_text())
         assert state["settings"].pop("train.layer_lr_decay") == 1.0
@@ -194,7 +232,7 @@ def test_a_write_error_on_a_rank_stops_every_rank_and_keeps_the_last_checkpoint(
     assert f"the newest complete checkpoint is {run / 'checkpoints' / f'step_{stopped}'}" in out, out[-3000:]
     time.sleep(1)
     assert not [p for p in _ranks_of(str(run)) if _alive(p)], "a rank outlived the failed save"
-    from mtbert.checkpoint import list_checkpoints, verify
+    from mtbert.training.checkpoint import list_checkpoints, verify
     assert [p.name for p in list_checkpoints(run)][-1] == f"step_{stopped}" and verify(list_checkpoints(run)[-1]) is None
     assert list((run / "checkpoints").glob(".tmp_step_*")), "the failed save left no trace: no fault happened"
     # 3. space again: the same command resumes from the intact checkpoint

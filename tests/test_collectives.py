@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import TwoTaskModel
 
-from mtbert.collectives import CollectiveDeviceError, Collectives
+from mtbert.distributed.collectives import CollectiveDeviceError, Collectives
+from mtbert.distributed.replicas import ranks_agree
 from mtbert.optim.gradients import GradientBuffers, make_reducer
-from mtbert.replicas import ranks_agree
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mtbert"
 
@@ -82,7 +82,7 @@ def test_the_loss_weightings_global_losses_reduce_on_the_run_device():
     """DWA and FAMO all-reduce the step's task losses (host scalars or CPU tensors in the step)."""
     from types import SimpleNamespace
 
-    from mtbert.step import Stepper
+    from mtbert.training.step import Stepper
     group = RecordingGroup()
     coll = Collectives(world=2, device="meta", ops=group)
     _read_back_ok(lambda: Stepper._global_losses(SimpleNamespace(collectives=coll),
@@ -91,7 +91,7 @@ def test_the_loss_weightings_global_losses_reduce_on_the_run_device():
 
 
 def test_replica_check_and_loss_logging_use_the_run_device():
-    from mtbert.run import global_mean_losses
+    from mtbert.training.run import global_mean_losses
     group = RecordingGroup()
     coll = Collectives(world=2, device="meta", ops=group)
     _read_back_ok(lambda: ranks_agree(TwoTaskModel().to("meta"), coll))
@@ -116,7 +116,7 @@ def test_one_process_needs_no_process_group():
 
 
 def test_only_collectives_py_touches_torch_distributed():
-    """Grep-level review: every collective in the package goes through mtbert/collectives.py."""
+    """Grep-level review: every collective in the package goes through mtbert/distributed/collectives.py."""
     offenders = []
     for path in PACKAGE.rglob("*.py"):
         if path.name == "collectives.py":
@@ -137,4 +137,4 @@ def test_only_collectives_py_touches_torch_distributed():
                 for n in names)
             if any(n.startswith("torch.distributed") for n in names) and not sharding:
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
-    assert not offenders, f"torch.distributed used outside mtbert/collectives.py: {offenders}"
+    assert not offenders, f"torch.distributed used outside mtbert/distributed/collectives.py: {offenders}"

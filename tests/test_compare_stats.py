@@ -8,9 +8,10 @@ import sys
 import numpy as np
 from conftest import ROOT
 
-from mtbert.compare import load_run
-from mtbert.config import parse_args, to_dict
-from mtbert.seed_groups import group_runs
+from mtbert.config.cli import parse_args
+from mtbert.config.schema import to_dict
+from mtbert.report.runs import load_run
+from mtbert.report.seed_groups import group_runs
 
 N = 300
 
@@ -96,7 +97,7 @@ def test_a_wandb_group_gets_the_same_seed_groups_and_seed_level_test(tmp_path, m
     form the same seed groups; without prediction files the test is the seed level alone."""
     import types
 
-    from mtbert import compare
+    from mtbert.report import compare
 
     class FakeRun:
         def __init__(self, method, seed, sst, lr=1e-4):

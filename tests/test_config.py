@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from mtbert.config import ConfigError, parse_args, to_dict
+from mtbert.config.cli import parse_args
+from mtbert.config.schema import to_dict
+from mtbert.errors import ConfigError
 
 
 def test_dotted_overrides_take_each_fields_type():
@@ -70,11 +72,11 @@ def test_layer_lr_decay_gives_each_depth_its_rate(tiny_ckpt, sharing):
     """Tiny checkpoint, L = 2 layers, d = 0.5: embeddings lr/8, layer 0 lr/4, layer 1 lr/2 (as a
     per-task layer head_lr/2), heads head_lr; every parameter in exactly one group; d = 1: the groups
     and rates of before (per-task layers at head_lr)."""
-    from mtbert.config import HeadCfg
+    from mtbert.config.schema import HeadCfg
+    from mtbert.data.tasks import build_specs
     from mtbert.model.bert import from_pretrained
     from mtbert.model.heads import MultitaskModel
-    from mtbert.data.tasks import build_specs
-    from mtbert.train import param_groups
+    from mtbert.training.build import param_groups
     args = [f"--model.checkpoint={tiny_ckpt}", "--train.lr=1e-3", "--train.head_lr=5e-3", "--train.layer_lr_decay=0.5"]
     cfg = parse_args(args + ([f"--model.sharing={sharing}"] if sharing else []))
     encoder, _ = from_pretrained(cfg.model.checkpoint, -1)

@@ -46,8 +46,9 @@ def test_deepspeed_set_ups_that_bypass_what_mtbert_reads_are_refused():
     """Refusals that depend on the DeepSpeed config (not on a launch): ZeRO-3 optimizer offload
     with per-task methods or idle parameters (it bypasses the gradient partitions mtbert reads and
     clears), and DeepSpeed's own fp16 engine (mtbert runs fp16 itself: it would scale twice)."""
-    from mtbert.accelerator import _refuse_deepspeed_fp16, _refuse_unproved_zero3
-    from mtbert.config import ConfigError, parse_args
+    from mtbert.config.cli import parse_args
+    from mtbert.distributed.accelerator import _refuse_deepspeed_fp16, _refuse_unproved_zero3
+    from mtbert.errors import ConfigError
     offload = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
     for args in (["--method.name=pcgrad"], ["--train.schedule=annealed"]):
         with pytest.raises(ConfigError, match="zero_optimization.offload_optimizer"):

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from mtbert.engines import DeepSpeedEngine, TorchEngine
+from mtbert.distributed.engines import DeepSpeedEngine, TorchEngine
 
 
 class Counter:

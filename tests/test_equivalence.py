@@ -109,8 +109,9 @@ def test_the_design_covers_every_pair_of_levels():
 
 def _accepted(case: dict) -> bool:
     """What the code says of a case: the config's validation and the launch-time refusals."""
-    from mtbert.accelerator import _refuse_unproved_zero3
-    from mtbert.config import ConfigError, parse_args
+    from mtbert.config.cli import parse_args
+    from mtbert.distributed.accelerator import _refuse_unproved_zero3
+    from mtbert.errors import ConfigError
     try:
         cfg = parse_args([*case_args(case), f"--data.batch_size={GLOBAL_BATCH // case['ranks']}"])
         if case["engine"] == "zero3":

@@ -4,7 +4,8 @@ equal to PCGrad applied by hand to per-task gradients."""
 
 import torch
 
-from mtbert.config import HeadCfg, parse_args
+from mtbert.config.cli import parse_args
+from mtbert.config.schema import HeadCfg
 from mtbert.data.tasks import TASKS
 from mtbert.model.bert import from_pretrained
 from mtbert.model.heads import MultitaskModel
@@ -59,7 +60,7 @@ def test_per_task_path_pcgrad_equals_pcgrad_by_hand(tiny_ckpt):
     from accelerate import Accelerator
 
     from mtbert.methods.phases import Phase
-    from mtbert.step import Stepper, seeded_generator
+    from mtbert.training.step import Stepper, seeded_generator
     cfg = parse_args([f"--model.checkpoint={tiny_ckpt}", "--method.name=pcgrad", "--train.grad_clip=0"])
     model, batches = _model_and_batches(tiny_ckpt)
     tasks = list(batches)
@@ -85,7 +86,7 @@ def test_per_task_path_pcgrad_equals_pcgrad_by_hand(tiny_ckpt):
 def _stepper(model, cfg, tasks):
     from accelerate import Accelerator
 
-    from mtbert.step import Stepper
+    from mtbert.training.step import Stepper
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return Stepper(Accelerator(cpu=True), model, opt, sched, cfg, tasks)
@@ -96,7 +97,7 @@ def test_a_task_only_in_a_later_micro_batch_is_in_the_step(tiny_ckpt):
     Both rows are zeroed, reduced and combined, and quora's head moves (issue: the step took its
     tasks from the first micro-batch, dropping quora's shared gradient)."""
     from mtbert.methods.phases import Phase
-    from mtbert.step import MicroBatch, seeded_generator
+    from mtbert.training.step import MicroBatch, seeded_generator
     cfg = parse_args([f"--model.checkpoint={tiny_ckpt}", "--method.name=pcgrad", "--train.grad_clip=0"])
     model, batches = _model_and_batches(tiny_ckpt)
     shared = [p for n, p in model.named_parameters() if not n.startswith("heads.")]
@@ -175,7 +176,7 @@ def test_each_tasks_reduction_starts_after_its_last_backward_and_is_waited_befor
     handed to the reducer as soon as its last micro-batch's backward is done, so its collective
     runs while the next task computes; the step waits once, before the Gram."""
     from mtbert.methods.phases import Phase
-    from mtbert.step import MicroBatch
+    from mtbert.training.step import MicroBatch
     cfg = parse_args([f"--model.checkpoint={tiny_ckpt}", "--method.name=pcgrad", "--train.grad_clip=0"])
     model, batches = _model_and_batches(tiny_ckpt)
     stepper = _stepper(model, cfg, list(batches))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtbert.config import MethodCfg
+from mtbert.config.schema import MethodCfg
 from mtbert.optim.loss_weighting import LOSS_WEIGHTINGS, WeightingInputs, initial_state
 
 

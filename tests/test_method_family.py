@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.optimize import nnls
 
-from mtbert.config import MethodCfg
+from mtbert.config.schema import MethodCfg
 from mtbert.optim.aggregators import AGGREGATORS, GramInputs, aggregate, initial_state, update_weights
 from mtbert.optim.aggregators.conditioned import pcd_solve
 from mtbert.optim.aggregators.nash import ridged
@@ -318,8 +318,9 @@ def test_db_mtl_scales_every_buffer_to_the_largest_norm():
 
 
 def test_the_new_methods_are_refused_on_several_processes_where_the_matrix_has_not_run_them():
-    from mtbert.accelerator import refuse_unproved_new_method
-    from mtbert.config import ConfigError, parse_args
+    from mtbert.config.cli import parse_args
+    from mtbert.distributed.accelerator import refuse_unproved_new_method
+    from mtbert.errors import ConfigError
     proved = parse_args(["--method.name=graddrop"])
     for stage, fsdp in ((0, False), (2, False), (3, False), (0, True)):
         refuse_unproved_new_method(proved, stage, fsdp, "no")  # what FAMILY runs: accepted

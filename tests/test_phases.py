@@ -1,6 +1,6 @@
 """The run as phases: a pure function of the config and the data sizes (fast)."""
 
-from mtbert.config import parse_args
+from mtbert.config.cli import parse_args
 from mtbert.methods.phases import build_phases, epoch_steps
 
 BATCHES = {"sst": 10, "quora": 40, "sts": 6}

@@ -1,4 +1,4 @@
-"""Time-to-quality (mtbert/quality.py, `python -m mtbert.bench --quality`) on synthetic runs."""
+"""Time-to-quality (mtbert/report/quality.py, `python -m mtbert.bench --quality`) on synthetic runs."""
 
 import json
 import subprocess
@@ -6,8 +6,8 @@ import sys
 
 from conftest import ROOT
 
-from mtbert.compare import load_run
-from mtbert.quality import first_reached
+from mtbert.report.quality import first_reached
+from mtbert.report.runs import load_run
 
 
 def _run(folder, dev):

@@ -1,7 +1,6 @@
 """The packaged real checkpoint on the real CS224N files learns measurably in a short run."""
 
 import pytest
-
 from conftest import read_metrics, run_main
 
 pytestmark = pytest.mark.slow

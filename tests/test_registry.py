@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from mtbert.config import help_text, parse_args, to_dict
+from mtbert.config.cli import help_text, parse_args
+from mtbert.config.presets import PRESETS
+from mtbert.config.schema import to_dict
 from mtbert.methods.registry import METHODS, label, markdown_table
-from mtbert.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ def test_the_readme_methods_table_is_the_registrys():
 
 
 def test_the_method_names_config_accepts_are_the_registries():
-    from mtbert.config import GRADIENT_METHODS, LOSS_METHODS
+    from mtbert.config.schema import GRADIENT_METHODS, LOSS_METHODS
     from mtbert.optim.aggregators import AGGREGATORS
     from mtbert.optim.loss_weighting import LOSS_WEIGHTINGS
     assert set(LOSS_METHODS) == set(LOSS_WEIGHTINGS)

@@ -199,14 +199,15 @@ def test_fp16_overflow_step_is_skipped_and_scale_halves(tiny_ckpt):
     from accelerate import Accelerator
     from transformers import AutoTokenizer
 
-    from mtbert.config import HeadCfg, parse_args
+    from mtbert.config.cli import parse_args
+    from mtbert.config.schema import HeadCfg
     from mtbert.data.batching import load_split
     from mtbert.data.tasks import build_specs
     from mtbert.methods.phases import Phase
     from mtbert.model.bert import from_pretrained
     from mtbert.model.heads import MultitaskModel
     from mtbert.optim.loss_scaler import LossScaler
-    from mtbert.step import Stepper
+    from mtbert.training.step import Stepper
     cfg = parse_args([f"--model.checkpoint={tiny_ckpt}", "--method.name=pcgrad", "--data.tasks=sst,sts"])
     enc, folder = from_pretrained(str(tiny_ckpt))
     specs = build_specs(cfg)
@@ -238,7 +239,7 @@ def test_bf16_runs_with_pcgrad_and_smart(tiny_ckpt, tmp_path):
 
 
 def test_crash_while_writing_predictions_keeps_the_previous_file(tmp_path):
-    from mtbert.evaluate import write_predictions
+    from mtbert.training.evaluate import write_predictions
     path = tmp_path / "sst-dev-output.csv"
     write_predictions(path, "Predicted_Sentiment", ["a", "b"], [1, 2], False)
     before = path.read_text()
@@ -382,13 +383,13 @@ def test_a_launched_run_leaves_after_teardown_without_interpreter_finalization(m
             assert train.main([]) == 75 and events == [("close",)]
     monkeypatch.undo()
     # the streams are flushed before os._exit: buffered output to a pipe would be lost otherwise
-    code = "import sys; print('written', end=''); from mtbert.process import leave; leave(3)"
+    code = "import sys; print('written', end=''); from mtbert.training.process import leave; leave(3)"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe: block-buffered
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 3 and done.stdout == "written", done.stderr[-2000:]
 
 
-LAUNCHED = ["mtbert/train.py", "mtbert/bench_dist.py", "mtbert/multirun.py", *sorted(f"tests/helpers/{p.name}" for p in
+LAUNCHED = ["mtbert/train.py", "mtbert/bench/dist.py", "mtbert/training/multirun.py", *sorted(f"tests/helpers/{p.name}" for p in
                                                                (ROOT / "tests" / "helpers").glob("*.py"))]
 
 
@@ -405,4 +406,4 @@ def test_every_launched_script_leaves_through_process_leave(script):
                              and any(a.name == "main" for a in n.names) for n in ast.walk(tree))
     own_main = script == "mtbert/train.py"
     assert "leave" in calls or ((imports_train_main or own_main) and "main" in calls), (
-        f"{script} does not end through mtbert.process.leave")
+        f"{script} does not end through mtbert.training.process.leave")

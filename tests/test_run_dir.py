@@ -18,8 +18,8 @@ import pytest
 from conftest import ROOT, free_port, read_metrics, tiny_args
 from test_reliability import _start, _wait_for
 
-from mtbert.checkpoint import verify
-from mtbert.run_lock import lock_path
+from mtbert.training.checkpoint import verify
+from mtbert.training.run_lock import lock_path
 
 LONG = ["--train.epoch_steps=100000", "--train.checkpoint_every=5", "--train.log_every=1", "--train.eval_every=0",
         "--data.batch_size=4", "--data.max_eval=8", "--train.predict_test=false"]

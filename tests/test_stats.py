@@ -1,4 +1,4 @@
-"""mtbert/stats.py on synthetic runs whose true difference is known: the false-positive rate of
+"""mtbert/report/stats.py on synthetic runs whose true difference is known: the false-positive rate of
 the comparison test is measured (not assumed) where there is no difference, and its power where
 there is one. The synthetic models have a seed effect (each seed's model is a little better or
 worse) and shared per-example difficulty, as fine-tuned models do."""
@@ -6,7 +6,7 @@ worse) and shared per-example difficulty, as fine-tuned models do."""
 import numpy as np
 import pytest
 
-from mtbert.stats import TaskPredictions, adjust, compare_groups, mean_ci
+from mtbert.report.stats import TaskPredictions, adjust, compare_groups, mean_ci
 
 N, SEEDS, SIMS = 400, 3, 200
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, read_metrics, run_main, tiny_args
 
 
@@ -24,8 +23,9 @@ def test_sweep_grid_and_random_expansion(tmp_path):
     assert "--train.lr=1e-05" in lines[0] and "--data.tasks=sst,sts" in lines[0]
     assert f"--train.out_dir={tmp_path}/s/trial_4" in lines[4] and "--log.group=s" in lines[4]
     assert expand(spec, tmp_path) == lines  # seeded
-    from mtbert.config import parse_args
     import shlex
+
+    from mtbert.config.cli import parse_args
     for line in lines:  # every line is a valid config
         parse_args(shlex.split(line))
 
@@ -33,8 +33,10 @@ def test_sweep_grid_and_random_expansion(tmp_path):
 def test_sweep_listed_trials_and_the_committed_specs_expand_to_valid_configs(tmp_path):
     sys.path.insert(0, str(ROOT / "launch"))
     import shlex
+
     from sweep import expand, load_spec
-    from mtbert.config import parse_args
+
+    from mtbert.config.cli import parse_args
     lines = expand({"name": "s", "grid": {"train.lr": [1e-5]}, "trials": [{"train.layer_lr_decay": 0.9}, {}]}, tmp_path)
     assert len(lines) == 3 and "--train.layer_lr_decay=0.9" in lines[1] and "layer_lr_decay" not in lines[2]
     with pytest.raises(ValueError, match="trials"):
@@ -84,7 +86,7 @@ def two_runs(tiny_ckpt, tmp_path_factory):
 
 
 def test_compare_table_plots_and_analysis(two_runs, tmp_path):
-    from mtbert.compare import main
+    from mtbert.report.compare import main
     out = tmp_path / "out"
     assert main([*map(str, two_runs), "--out", str(out), "--analysis"]) == 0
     table = (out / "table.md").read_text().splitlines()
@@ -101,7 +103,7 @@ def test_compare_table_plots_and_analysis(two_runs, tmp_path):
 
 
 def test_compare_names_a_bad_run_dir(tmp_path, capsys):
-    from mtbert.compare import main
+    from mtbert.report.compare import main
     assert main([str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
 
@@ -128,7 +130,8 @@ def test_no_wandb_import_when_tracking_is_off(tiny_ckpt, tmp_path):
 
 def test_ensemble_fine_tunes_each_task_and_writes_predictions(two_runs):
     from conftest import run_main as _  # noqa: F401  (resets Accelerate's state in run_ensemble)
-    from mtbert.methods.ensemble import run_ensemble
+
+    from mtbert.training.ensemble import run_ensemble
     summary = run_ensemble(two_runs[1], ["--train.epoch_steps=2", "--train.progress=false"])
     ens = two_runs[1] / "ensemble"
     assert set(summary["metrics"]) == {"sst", "quora", "sts", "cfimdb"}
@@ -160,10 +163,12 @@ def test_user_defined_task_from_files(tiny_ckpt, tmp_path):
 
 
 def test_hub_source_reads_a_dataset_with_column_mapping():
-    from mtbert.config import Config, set_value
+    import datasets
+
+    from mtbert.config.cli import set_value
+    from mtbert.config.schema import Config
     from mtbert.data.hub import read_hub
     from mtbert.data.tasks import build_specs
-    import datasets
     cfg = Config()
     for k, v in {"data.tasks": "stsb", "task_defs.stsb.kind": "pair_regression", "task_defs.stsb.source": "hub",
                  "task_defs.stsb.hub_name": "glue", "task_defs.stsb.hub_config": "stsb", "task_defs.stsb.label_max": "5",
@@ -197,7 +202,7 @@ def test_bench_quick_prints_ratios(tmp_path):
     assert z3["grad_buffer_bytes_per_rank"] <= (K + 2) * P * 4 / 2 < zero["zero2_pcgrad"]["grad_buffer_bytes_per_rank"]
     assert zero["fsdp2_pcgrad"]["grad_buffer_bytes_per_rank"] <= (K + 2) * P * 4 / 2
     assert all(r["speedup_vs_hf"] > 0 for r in rows if r["part"] == "model")
-    from mtbert.bench import FAMILY
+    from mtbert.bench.parts import FAMILY
     assert {r["method"] for r in rows if r["part"] == "methods"} >= {"sum", "pcgrad", "gse", "smart", *FAMILY}
     assert "[methods]" in res.stdout and "vs_sum=" in res.stdout
     # every ratio with its spread over >= 5 paired rounds; the machine's clock and the data in meta
@@ -259,8 +264,9 @@ def test_sweep_submit_passes_the_sweep_file_as_an_argument(tmp_path):
 
 
 def test_wandb_is_refused_before_any_work_without_a_login(tmp_path, monkeypatch):
-    from mtbert.config import ConfigError, LogCfg
-    from mtbert.reporting import check_wandb_ready
+    from mtbert.config.schema import LogCfg
+    from mtbert.errors import ConfigError
+    from mtbert.report.reporter import check_wandb_ready
     for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # none there
@@ -285,12 +291,12 @@ def test_wandb_without_login_exits_2_before_loading_anything(tiny_ckpt, tmp_path
     assert "model:" not in res.stdout and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("module", [["-m", "mtbert.analysis"], ["-m", "mtbert.compare"], ["launch/sweep.py"],
+@pytest.mark.parametrize("module", [["-m", "mtbert.report.analysis"], ["-m", "mtbert.compare"], ["launch/sweep.py"],
                                     ["launch/compare_methods.py"]])
 def test_tools_print_help_and_name_a_bad_path(tmp_path, module):
     res = subprocess.run([sys.executable, *module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "usage:" in res.stdout, res.stderr
-    if module[-1] in ("mtbert.analysis", "mtbert.compare", "launch/sweep.py"):
+    if module[-1] in ("mtbert.report.analysis", "mtbert.compare", "launch/sweep.py"):
         bad = tmp_path / "nope"
         res = subprocess.run([sys.executable, *module, str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and str(bad) in res.stderr and "Traceback" not in res.stderr, res.stderr

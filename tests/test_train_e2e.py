@@ -18,7 +18,8 @@ def _check_prediction_files(out, max_eval: int) -> None:
     """Every prediction file: the header, then one row per row of the split it predicts, with that
     split's ids in the file's order (the dev split cut to data.max_eval), and a prediction in the
     task's label space."""
-    from mtbert.config import Config, load_file
+    from mtbert.config.cli import load_file
+    from mtbert.config.schema import Config
     from mtbert.data.batching import task_file
     from mtbert.data.cs224n import read_cs224n
     from mtbert.data.tasks import build_specs
@@ -99,7 +100,7 @@ def test_each_method_runs_end_to_end(tiny_ckpt, tmp_path, method):
 
 
 def test_frozen_and_sharing_freeze_what_they_say(tiny_ckpt):
-    from mtbert.config import HeadCfg
+    from mtbert.config.schema import HeadCfg
     from mtbert.data.tasks import TASKS
     from mtbert.model.bert import from_pretrained
     from mtbert.model.heads import MultitaskModel
@@ -159,7 +160,7 @@ def _bad_inputs(tiny_ckpt, tmp_path):
         ("temperature 0", ["--train.temperature=0"], "train.temperature: must be > 0"),
         ("max_eval < 0", ["--data.max_eval=-1"], "data.max_eval: must be >= 0"),
         ("init weights", [f"--model.init_weights={tmp_path / 'w.safetensors'}"], "model.init_weights: no such file"),
-        # the limits a checkpoint and the data set (mtbert/limits.py), before any work
+        # the limits a checkpoint and the data set (mtbert/training/limits.py), before any work
         ("max_length", ["--model.max_length=1000"], r"model.max_length: 1000 is more than the 128 positions of "),
         ("small vocab", [f"--model.checkpoint={small_vocab}"], r"model.checkpoint: the tokenizer in .*small_vocab has "
                                                                  r"30522 tokens, the model's embedding table 1000"),

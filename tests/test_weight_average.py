@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, load_weights, read_metrics, run_main, tiny_args
 
-from mtbert.weight_average import WeightAverage
+from mtbert.training.weight_average import WeightAverage
 
 
 def _module():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TwoTaskModel
 
-from mtbert.engines.zero3 import PartitionRows
+from mtbert.distributed.engines.zero3 import PartitionRows
 from mtbert.optim.gradients import GramOnlyReducer, block_gram
 
 WORLD = 2
@@ -131,7 +131,7 @@ def test_the_reducer_sums_only_the_gram_on_the_run_device():
         def all_reduce(self, t):
             calls.append((tuple(t.shape), t.dtype, t.device.type))
 
-    from mtbert.collectives import Collectives
+    from mtbert.distributed.collectives import Collectives
     coll = Collectives(2, "meta", ops=Recorder())
     rows = torch.zeros(3, 10, device="meta")
     gram, out, blocks, moved = GramOnlyReducer(coll, 12 * 4).reduce(rows, [], [(0, 10)])

@@ -83,7 +83,7 @@ def task_file(spec, split: str, cfg) -> Path:
     return folder / (sample_name(path.name) if folder == SAMPLE_DIR else path)
 
 
-# Several runs in one process (mtbert.multirun: the tests' launch groups, sweeps of short runs)
+# Several runs in one process (mtbert.training.multirun: the tests' launch groups, sweeps of short runs)
 # read and tokenize the same files: the result is kept per (file as it is on disk, settings,
 # tokenizer). A run gets its own outer lists and labels; the token id lists are never modified.
 _TOKENIZED: dict[tuple, TokenizedSplit] = {}

@@ -195,7 +195,7 @@ METHODS: dict[str, MethodSpec] = {
         budget=lambda s: [f"--train.epoch_steps={s}", f"--method.stch_warmup={max(1, s // 6)}"]),
     "ensemble": MethodSpec(
         "ensemble (PCGrad + per-task fine-tune)", "seeds: per-task fine-tunes of a joint model, ensembled",
-        (), "methods/ensemble.py (python -m mtbert.methods.ensemble RUN_DIR)", compare=False, preset=False, marks=()),
+        (), "training/ensemble.py (python -m mtbert.training.ensemble RUN_DIR)", compare=False, preset=False, marks=()),
 }
 
 ALIASES = {"rr_pcgrad": ("pcgrad", ["--train.schedule=round_robin"]), "mops": ("sharing", [])}
@@ -243,7 +243,7 @@ def label(cfg: dict) -> str:
 
 def markdown_table() -> str:
     lines = ["| method (`--preset`) | from | sets | code | refuses |", "|---|---|---|---|---|"]
-    # (the ensemble has no preset: python -m mtbert.methods.ensemble RUN_DIR)
+    # (the ensemble has no preset: python -m mtbert.training.ensemble RUN_DIR)
     for name, s in METHODS.items():
         sets = " ".join(f"`{o}`" for o in s.overrides) or "—"
         lines.append(f"| **{s.title}** (`{name}`) | {s.source} | {sets} | {s.parts} | {s.refuses or '—'} |")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtbert.config import ConfigError
+from mtbert.errors import ConfigError
 from mtbert.model.bert import Bert
 
 

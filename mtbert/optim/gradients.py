@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from mtbert.collectives import Collectives
+from mtbert.distributed.collectives import Collectives
 from mtbert.optim.pcgrad import gram_matrix
 
 Blocks = list[tuple[int, int]]  # [start, end) column ranges of the shared gradient, in order

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-import mtbert.checkpoint as ckpt
+import mtbert.training.checkpoint as ckpt
 from mtbert.train import main
 
 where, step = os.environ["MTBERT_TEST_FAULT"].split(":")
@@ -54,6 +54,6 @@ else:
     raise SystemExit(f"unknown MTBERT_TEST_FAULT {where!r}")
 
 if __name__ == "__main__":
-    from mtbert import process
+    from mtbert.training import process
     process.guard_process()
     sys.exit(main())

@@ -7,7 +7,7 @@ global batch. Rank 0 writes both runs' per-step gradient norms and the parameter
 
 PLAN.json: ``{"ckpt": CKPT, "steps": S, "cases": [{"out": OUT.json, "accum": A, "overrides": [...]}, ...]}``:
 the cases run in turn in this one process group (fresh models, optimizers and engines each);
-rank 0 writes each case's OUT.json. The launch ends through ``mtbert.process.leave``.
+rank 0 writes each case's OUT.json. The launch ends through ``mtbert.training.process.leave``.
 
 Accelerate is not used: it drops FSDP on CPU (accelerator.py refuses that launch), so the
 accelerator is engines/fsdp2.plain_accelerator.
@@ -18,15 +18,16 @@ import sys
 
 import torch
 
-from mtbert import process
-from mtbert.collectives import Collectives
-from mtbert.config import HeadCfg, parse_args
+from mtbert.config.cli import parse_args
+from mtbert.config.schema import HeadCfg
 from mtbert.data.tasks import build_specs
-from mtbert.engines.fsdp2 import plain_accelerator, shard_model
+from mtbert.distributed.collectives import Collectives
+from mtbert.distributed.engines.fsdp2 import plain_accelerator, shard_model
 from mtbert.methods.phases import Phase
 from mtbert.model.bert import from_pretrained
 from mtbert.model.heads import MultitaskModel
-from mtbert.step import MicroBatch, Stepper
+from mtbert.training import process
+from mtbert.training.step import MicroBatch, Stepper
 
 GLOBAL_BATCH = 12
 
@@ -51,7 +52,7 @@ def run_case(coll: Collectives, out: str, ckpt: str, steps: int, accum: int, ove
                       "--train.grad_clip=1.0", "--method.conflict_stats=false", "--heads.sts.kind=bi", *overrides])
     from transformers import AutoTokenizer
 
-    from mtbert.bench import _task_batches
+    from mtbert.bench.core import _task_batches
     ref_model, specs, folder = build(cfg)
     batches = _task_batches(cfg, ref_model, AutoTokenizer.from_pretrained(str(folder)), specs, steps * accum)
     b = GLOBAL_BATCH // world

@@ -1,24 +1,24 @@
-"""mtbert.multirun with the faults tests inject (tests/harness.py launches it):
+"""mtbert.training.multirun with the faults tests inject (tests/harness.py launches it):
 
     accelerate launch --config_file accelerate_configs/<engine>.yaml [--num_processes N] \
         tests/helpers/run_cases.py PLAN.json
 
-PLAN.json as mtbert.multirun's; a case may also inject a fault: ``"nan_calls"`` makes the task
+PLAN.json as mtbert.training.multirun's; a case may also inject a fault: ``"nan_calls"`` makes the task
 loss NaN on those loss calls of the case (1-based, per process: "7,8,9", or "13-" for every call
 from the 13th on), on the ranks in ``"nan_ranks"`` ("0,1"; empty: all); ``"stop_at_step"``: N
 sends every rank SIGUSR1 (a preemption warning) right after step N, so the run checkpoints and
-exits 75 as under Slurm. The launch ends through ``mtbert.process.leave``.
+exits 75 as under Slurm. The launch ends through ``mtbert.training.process.leave``.
 """
 
 import contextlib
 import os
 import sys
 
-from mtbert import process
+from mtbert.training import process
 
 process.guard_process()  # before the heavy imports, as the trainer does
 
-from mtbert.multirun import run_plan  # noqa: E402
+from mtbert.training.multirun import run_plan  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -48,7 +48,7 @@ def stop_signal_after(step: int):
     """SIGUSR1 to this rank right after optimizer step ``step`` (every rank does the same)."""
     import signal
 
-    from mtbert.step import Stepper
+    from mtbert.training.step import Stepper
     real = Stepper.step
 
     def stepped(self, at, *a, **k):

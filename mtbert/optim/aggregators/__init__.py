@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from mtbert.optim.aggregators import (closed_form, conditioned, min_norm, nash, projection, robust, stochastic,
-                                      tracking)
+from mtbert.optim.aggregators import closed_form, conditioned, min_norm, nash, projection, robust, stochastic, tracking
 from mtbert.optim.aggregators.base import AggregatorSpec, GramInputs, State
 
 
@@ -33,12 +32,13 @@ def _ones(scale):
     return fn
 
 
-AGGREGATORS: dict[str, AggregatorSpec] = {
+AGGREGATORS: dict[str, AggregatorSpec] = {}
+AGGREGATORS.update({
     "sum": AggregatorSpec(_ones("sum"), "summed losses (per-task path: for tests and benchmarks)"),
     "mean": AggregatorSpec(_ones("mean"), "mean of the task gradients"),
     **projection.SPECS, **min_norm.SPECS, **closed_form.SPECS, **nash.SPECS, **conditioned.SPECS,
-    **stochastic.SPECS, **robust.SPECS, **tracking.SPECS,
-}
+    **stochastic.specs(AGGREGATORS), **robust.SPECS, **tracking.SPECS,
+})
 
 
 def initial_state(name: str, K: int, L: int) -> State:
@@ -54,7 +54,7 @@ def aggregate(name: str, inputs: GramInputs, state: State) -> list[torch.Tensor]
 def update_weights(name: str, gram: torch.Tensor, generator=None, reduction: str = "sum", cfg=None,
                    state: State | None = None, losses: torch.Tensor | None = None) -> list[torch.Tensor]:
     """One [k, k] Gram (one block, every task present) -> [k] weights per update."""
-    from mtbert.config import MethodCfg
+    from mtbert.config.schema import MethodCfg
     cfg = cfg or MethodCfg(name=name, pcgrad_reduction=reduction)
     k = gram.shape[0]
     state = initial_state(name, k, 1) if state is None else state

@@ -25,7 +25,6 @@ import torch
 
 from mtbert.optim.aggregators.base import AggregatorSpec, GramInputs
 
-
 RIDGE = 1e-10  # of the mean squared gradient norm: f bounded below with dependent gradients
 
 

@@ -26,6 +26,8 @@ stochastic estimates); mtbert has one batch per task per step, so M is the singl
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mtbert.optim.aggregators.base import AggregatorSpec, GramInputs
@@ -81,10 +83,9 @@ def _modo(inputs: GramInputs, state) -> list:
     return [lam[None, :]]
 
 
-def _cr_mogm(inputs: GramInputs, state) -> list:
-    from mtbert.optim.aggregators import AGGREGATORS  # the inner method (a registry entry)
+def _cr_mogm(inputs: GramInputs, state, registry: dict) -> list:
     idx, alpha = inputs.tasks, inputs.cfg.cr_mogm_alpha
-    inner = AGGREGATORS[inputs.cfg.cr_mogm_inner].fn(inputs, {})[0][0]  # a stateless method (config.py checks)
+    inner = registry[inputs.cfg.cr_mogm_inner].fn(inputs, {})[0][0]  # a stateless method (config/validate.py checks)
     seen = state["seen"][idx] > 0
     w = torch.where(seen, alpha * state["w"][idx] + (1 - alpha) * inner, inner)  # w_0 = the first inner weights
     state["w"][idx], state["seen"][idx] = w, 1.0
@@ -120,22 +121,27 @@ def _weights_state(K, L):
     return {"w": torch.zeros(K, dtype=torch.float64)}
 
 
-SPECS = {
-    "sdmgrad": AggregatorSpec(_sdmgrad, "Xiao, Ban & Ji 2023 (SDMGrad: direction-oriented MGDA, method.sdmgrad_lambda; "
-                                        "the authors' and torchjd's code read)", init_state=_weights_state,
-                              blocks=False),
-    "modo": AggregatorSpec(_modo, "Chen et al. 2023 (MoDo: one projected step of the MGDA weights per step, "
-                                  "method.modo_gamma, method.modo_rho; the authors' and torchjd's code read)",
-                           init_state=_weights_state, blocks=False),
-    "cr_mogm": AggregatorSpec(_cr_mogm, "Zhou et al. 2022 (CR-MOGM: a moving average of another method's weights, "
-                                        "method.cr_mogm_inner, method.cr_mogm_alpha; torchjd's code read)",
-                              init_state=lambda K, L: {"w": torch.zeros(K, dtype=torch.float64),
-                                                       "seen": torch.zeros(K, dtype=torch.float64)},
-                              blocks=False),
-    "gradnorm": AggregatorSpec(_gradnorm, "Chen et al. 2018 (GradNorm: learnable weights equalising w_i ||g_i|| "
-                                          "at the loss-ratio targets, method.gradnorm_alpha, method.gradnorm_lr; "
-                                          "torchjd's and LibMTL's code read)",
-                               init_state=lambda K, L: {"w": torch.ones(K, dtype=torch.float64),
-                                                        "L0": torch.zeros(K, dtype=torch.float64)},
-                               blocks=False),
-}
+def specs(registry: dict) -> dict[str, AggregatorSpec]:
+    """This module's entries. CR-MOGM averages another entry's weights, so the package's registry
+    (``AGGREGATORS``) is handed in: this module does not import the package that imports it."""
+    cr_mogm = AggregatorSpec(functools.partial(_cr_mogm, registry=registry),
+                             "Zhou et al. 2022 (CR-MOGM: a moving average of another method's weights, "
+                             "method.cr_mogm_inner, method.cr_mogm_alpha; torchjd's code read)",
+                             init_state=lambda K, L: {"w": torch.zeros(K, dtype=torch.float64),
+                                                      "seen": torch.zeros(K, dtype=torch.float64)},
+                             blocks=False)
+    return {
+        "sdmgrad": AggregatorSpec(_sdmgrad, "Xiao, Ban & Ji 2023 (SDMGrad: direction-oriented MGDA, method.sdmgrad_lambda; "
+                                            "the authors' and torchjd's code read)", init_state=_weights_state,
+                                  blocks=False),
+        "modo": AggregatorSpec(_modo, "Chen et al. 2023 (MoDo: one projected step of the MGDA weights per step, "
+                                      "method.modo_gamma, method.modo_rho; the authors' and torchjd's code read)",
+                               init_state=_weights_state, blocks=False),
+        "cr_mogm": cr_mogm,
+        "gradnorm": AggregatorSpec(_gradnorm, "Chen et al. 2018 (GradNorm: learnable weights equalising w_i ||g_i|| "
+                                              "at the loss-ratio targets, method.gradnorm_alpha, method.gradnorm_lr; "
+                                              "torchjd's and LibMTL's code read)",
+                                   init_state=lambda K, L: {"w": torch.ones(K, dtype=torch.float64),
+                                                            "L0": torch.zeros(K, dtype=torch.float64)},
+                                   blocks=False),
+    }

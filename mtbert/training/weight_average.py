@@ -81,7 +81,7 @@ class Fsdp2Shards(Zero3Partitions):
         return p.to_local()
 
     def gather(self, part, p):  # a collective
-        from mtbert.engines.fsdp2 import gather_shards
+        from mtbert.distributed.engines.fsdp2 import gather_shards
         return gather_shards(part, p)
 
     def take(self, whole, p):

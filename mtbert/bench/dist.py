@@ -2,7 +2,7 @@
 launches 2 gloo ranks running a worker of this module, which alternates the configurations
 side by side and writes its rows as JSON (rank 0).
 
-    python -m mtbert.bench_dist {dist,zero,fsdp2} --out FILE [--quick] [--data-dir DIR]   # as a rank
+    python -m mtbert.bench.dist {dist,zero,fsdp2} --out FILE [--quick] [--data-dir DIR]   # as a rank
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mtbert.bench import _checkpoint, _task_batches, alternate
+from mtbert.bench.core import alternate, bench_checkpoint, task_batches
 
 
 def bench_dist(quick: bool, out: Path, data_dir: str) -> list[dict]:
@@ -24,7 +24,7 @@ def bench_dist(quick: bool, out: Path, data_dir: str) -> list[dict]:
     root = Path(__file__).resolve().parents[1]
     accel = Path(sys.executable).parent / "accelerate"
     cmd = [str(accel) if accel.exists() else "accelerate", "launch", "--config_file",
-           str(root / "accelerate_configs" / "cpu_2proc.yaml"), "-m", "mtbert.bench_dist", "dist",
+           str(root / "accelerate_configs" / "cpu_2proc.yaml"), "-m", "mtbert.bench.dist", "dist",
            "--out", str(out)] + (["--quick"] if quick else []) + ([f"--data-dir={data_dir}"] if data_dir else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -37,15 +37,17 @@ def dist_worker(quick: bool, out: Path, data_dir: str) -> None:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
     from transformers import AutoTokenizer
-    from mtbert.config import HeadCfg, parse_args
+
+    from mtbert.config.cli import parse_args
+    from mtbert.config.schema import HeadCfg
     from mtbert.data.tasks import build_specs
     from mtbert.methods.phases import Phase
     from mtbert.model.bert import from_pretrained
     from mtbert.model.heads import MultitaskModel
-    from mtbert.step import Stepper
+    from mtbert.training.step import Stepper
     accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     assert accelerator.num_processes == 2, "the distributed benchmark needs 2 ranks"
-    ckpt = _checkpoint(quick, Path(os.environ.get("TMPDIR", "/tmp")) / "mtbert-bench")
+    ckpt = bench_checkpoint(quick, Path(os.environ.get("TMPDIR", "/tmp")) / "mtbert-bench")
     variants = {"ddp_sum": ["--method.name=sum"], "pcgrad_allreduce": ["--method.name=pcgrad"],
                 "pcgrad_sharded": ["--method.name=pcgrad", "--method.reducer=sharded"]}
     steppers, batches = {}, None
@@ -57,7 +59,7 @@ def dist_worker(quick: bool, out: Path, data_dir: str) -> None:
         specs = build_specs(cfg)
         model = MultitaskModel(enc, specs, {t: HeadCfg(dropout=0.0) for t in specs})
         if batches is None:
-            batches = _task_batches(cfg, model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
+            batches = task_batches(cfg, model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         model, opt = accelerator.prepare(model, opt)
@@ -92,7 +94,7 @@ def bench_zero(quick: bool, out: Path, data_dir: str) -> list[dict]:
         part = out.with_suffix(f".zero{stage}.json")
         cmd = [str(accel) if accel.exists() else "accelerate", "launch", "--config_file",
                str(root / "accelerate_configs" / f"zero{stage}.yaml"), "--num_processes", "2",
-               "-m", "mtbert.bench_dist", "zero", "--out", str(part)] + (["--quick"] if quick else []) + (
+               "-m", "mtbert.bench.dist", "zero", "--out", str(part)] + (["--quick"] if quick else []) + (
                [f"--data-dir={data_dir}"] if data_dir else [])
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                              timeout=1800)
@@ -106,14 +108,16 @@ def zero_worker(quick: bool, out: Path, data_dir: str) -> None:
     """One DeepSpeed engine (a second one in the same process breaks ZeRO-2's buckets), stepped
     alternately by a summed-loss Stepper and a PCGrad Stepper."""
     from transformers import AutoTokenizer
-    from mtbert.accelerator import configure_deepspeed, make_accelerator, zero_stage
-    from mtbert.config import HeadCfg, parse_args
+
+    from mtbert.config.cli import parse_args
+    from mtbert.config.schema import HeadCfg
     from mtbert.data.tasks import build_specs
+    from mtbert.distributed.accelerator import configure_deepspeed, make_accelerator, zero_stage
     from mtbert.methods.phases import Phase
     from mtbert.model.bert import from_pretrained
     from mtbert.model.heads import MultitaskModel
-    from mtbert.step import Stepper
-    ckpt = _checkpoint(quick, Path(os.environ.get("TMPDIR", "/tmp")) / "mtbert-bench")
+    from mtbert.training.step import Stepper
+    ckpt = bench_checkpoint(quick, Path(os.environ.get("TMPDIR", "/tmp")) / "mtbert-bench")
     cfgs = {name: parse_args([f"--model.checkpoint={ckpt}", "--data.batch_size=" + ("4" if quick else "16"),
                               "--method.conflict_stats=false", f"--method.name={name}", "--train.grad_clip=1.0"]
                              + ([f"--data.dir={data_dir}"] if data_dir else [])) for name in ("sum", "pcgrad")}
@@ -123,7 +127,7 @@ def zero_worker(quick: bool, out: Path, data_dir: str) -> None:
     enc, folder = from_pretrained(cfgs["sum"].model.checkpoint, 0.0)
     specs = build_specs(cfgs["sum"])
     model = MultitaskModel(enc, specs, {t: HeadCfg(dropout=0.0) for t in specs})
-    batches = _task_batches(cfgs["sum"], model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
+    batches = task_batches(cfgs["sum"], model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
     P = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -163,7 +167,7 @@ def zero_worker(quick: bool, out: Path, data_dir: str) -> None:
 def bench_fsdp2(quick: bool, out: Path, data_dir: str) -> list[dict]:
     """2 gloo ranks (torchrun: Accelerate has no FSDP on CPU), the model fully_shard'ed per layer."""
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--nproc_per_node", "2", "-m", "mtbert.bench_dist",
+    cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--nproc_per_node", "2", "-m", "mtbert.bench.dist",
            "fsdp2", "--out", str(out)] + (["--quick"] if quick else []) + (
            [f"--data-dir={data_dir}"] if data_dir else [])
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=1800)
@@ -175,17 +179,19 @@ def bench_fsdp2(quick: bool, out: Path, data_dir: str) -> list[dict]:
 def fsdp2_worker(quick: bool, out: Path, data_dir: str) -> None:
     """A summed-loss Stepper and a PCGrad Stepper stepping one fully_shard'ed model alternately."""
     from transformers import AutoTokenizer
-    from mtbert.collectives import Collectives
-    from mtbert.config import HeadCfg, parse_args
+
+    from mtbert.config.cli import parse_args
+    from mtbert.config.schema import HeadCfg
     from mtbert.data.tasks import build_specs
-    from mtbert.engines.fsdp2 import plain_accelerator, shard_model
+    from mtbert.distributed.collectives import Collectives
+    from mtbert.distributed.engines.fsdp2 import plain_accelerator, shard_model
     from mtbert.methods.phases import Phase
     from mtbert.model.bert import from_pretrained
     from mtbert.model.heads import MultitaskModel
-    from mtbert.step import Stepper
+    from mtbert.training.step import Stepper
     coll = Collectives.from_env("cpu")
     world, rank = coll.world, coll.rank
-    ckpt = _checkpoint(quick, Path(os.environ.get("TMPDIR", "/tmp")) / "mtbert-bench")
+    ckpt = bench_checkpoint(quick, Path(os.environ.get("TMPDIR", "/tmp")) / "mtbert-bench")
     cfgs = {name: parse_args([f"--model.checkpoint={ckpt}", "--data.batch_size=" + ("4" if quick else "16"),
                               "--method.conflict_stats=false", f"--method.name={name}", "--train.grad_clip=1.0"]
                              + ([f"--data.dir={data_dir}"] if data_dir else [])) for name in ("sum", "pcgrad")}
@@ -193,7 +199,7 @@ def fsdp2_worker(quick: bool, out: Path, data_dir: str) -> None:
     enc, folder = from_pretrained(cfgs["sum"].model.checkpoint, 0.0)
     specs = build_specs(cfgs["sum"])
     model = MultitaskModel(enc, specs, {t: HeadCfg(dropout=0.0) for t in specs})
-    batches = _task_batches(cfgs["sum"], model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
+    batches = task_batches(cfgs["sum"], model, AutoTokenizer.from_pretrained(str(folder)), specs, 4)
     P, K = sum(p.numel() for p in model.parameters()), len(batches[0])
     model = shard_model(model, coll.device_mesh())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -237,8 +243,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":  # a launched worker: it leaves like every launched process (process.leave)
-    from mtbert import process
-    from mtbert.collectives import destroy_process_group
+    from mtbert.distributed.collectives import destroy_process_group
+    from mtbert.training import process
     code = main()
     destroy_process_group()
     process.leave(code)

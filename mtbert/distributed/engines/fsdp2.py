@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from mtbert.engines.torch_engine import TorchEngine
+from mtbert.distributed.engines.torch_engine import TorchEngine
 from mtbert.optim.gradients import GramOnlyReducer, TaskRows, block_ranges, split_parameters
 
 

@@ -18,11 +18,11 @@ import os
 import time
 from pathlib import Path
 
-from mtbert import checkpoint as ckpt
-from mtbert.checkpoint import list_checkpoints
-from mtbert.config import ConfigError
+from mtbert.errors import ConfigError
 from mtbert.optim.aggregators.base import state_from_json, state_to_json
-from mtbert.run import LogWindow, Run, TrainState, global_mean_losses
+from mtbert.training import checkpoint as ckpt
+from mtbert.training.checkpoint import list_checkpoints
+from mtbert.training.run import LogWindow, Run, TrainState, global_mean_losses
 
 # Settings that do not change the trained weights: a resume may change them.
 FREE_TO_CHANGE = {
@@ -44,7 +44,8 @@ def default_settings() -> dict:
     """Every field's default, flat. A field added after a run was written is missing from its saved
     settings; the run trained with the default (a new field's default keeps the old behaviour)."""
     import json
-    from mtbert.config import Config, to_dict
+
+    from mtbert.config.schema import Config, to_dict
     flat = _flatten(json.loads(json.dumps(to_dict(Config()))))  # as stored: lists, not tuples
     return {k: v for k, v in flat.items() if k not in FREE_TO_CHANGE}
 

@@ -2,7 +2,7 @@
 classification tasks, predicted-vs-gold scatter for regression tasks with error bands, and
 the worst dev examples per task, from the run's dev prediction files and the gold dev data.
 
-    python -m mtbert.analysis RUN_DIR        # writes RUN_DIR/analysis/{report.md, *.png}
+    python -m mtbert.report.analysis RUN_DIR        # writes RUN_DIR/analysis/{report.md, *.png}
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ def read_predictions(path: Path) -> dict[str, float]:
 
 def gold_dev(run_dir: Path):
     """task -> (spec, {id: Example}) for the run's tasks, read like the trainer reads them."""
-    from mtbert.config import Config, load_file
+    from mtbert.config.cli import load_file
+    from mtbert.config.schema import Config
     from mtbert.data.batching import task_file
     from mtbert.data.cs224n import read_cs224n
     from mtbert.data.tasks import build_specs
@@ -108,7 +109,7 @@ def write_report(run_dir: Path, worst: int = 8) -> Path:
 
 def main(argv=None) -> int:
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m mtbert.analysis", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m mtbert.report.analysis", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a run directory (holds config.json and predictions/)")
     ap.add_argument("--worst", type=int, default=8, help="dev examples with the largest error listed per task")

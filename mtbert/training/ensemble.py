@@ -1,7 +1,7 @@
 """Per-task fine-tune ensemble (seed "Improving MinBERT"): from a multitask run's best model,
 fine-tune one copy per task on that task alone, then predict each task with its own model.
 
-    accelerate launch -m mtbert.methods.ensemble runs/pcgrad [--train.epochs=1 ...]
+    accelerate launch -m mtbert.training.ensemble runs/pcgrad [--train.epochs=1 ...]
 
 Writes ``<run>/ensemble/<task>/`` (each fine-tune is an ordinary run directory) and
 ``<run>/ensemble/predictions/*`` (task t's files from task t's model) plus
@@ -62,7 +62,7 @@ def _pred_name(task: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
-        print("usage: python -m mtbert.methods.ensemble RUN_DIR [--section.field=VALUE ...]", file=sys.stderr)
+        print("usage: python -m mtbert.training.ensemble RUN_DIR [--section.field=VALUE ...]", file=sys.stderr)
         return 2
     summary = run_ensemble(Path(argv[0]), argv[1:])
     print(f"ensemble overall {summary['overall']:.4f}: " +

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from mtbert.bench import alternate
+from mtbert.bench.core import alternate
 
 LENGTHS = (24, 40, 16, 64, 32)  # bucketed batches: the sequence length changes from batch to batch
 RECIPE_STEPS = 3 * 820  # the recipe: 820 steps of one batch per task (README)

@@ -13,8 +13,8 @@ import os
 
 import torch
 
-from mtbert.config import ConfigError
-from mtbert.config import per_task as is_per_task
+from mtbert.config.schema import per_task as is_per_task
+from mtbert.errors import ConfigError
 from mtbert.optim.loss_scaler import LossScaler
 
 
@@ -56,7 +56,7 @@ def make_accelerator(cfg):
                                   gradient_accumulation_steps=1,  # mtbert accumulates itself (engines/)
                                   step_scheduler_with_optimizer=False)  # else it steps N times on N processes
     if fsdp:
-        from mtbert.engines.fsdp2 import mark
+        from mtbert.distributed.engines.fsdp2 import mark
         mark(accelerator)
     if fp16 and deepspeed:
         _refuse_deepspeed_fp16(accelerator.state.deepspeed_plugin.deepspeed_config)
@@ -81,7 +81,7 @@ def refuse_unproved_new_method(cfg, stage: int, fsdp: bool, precision: str) -> N
     m = cfg.method.name
     if m not in NEW_METHODS:
         return
-    from mtbert.config import Config
+    from mtbert.config.schema import Config
     d = Config()
     fields = [f for f, unproved in (
         ("train.schedule", cfg.train.schedule != d.train.schedule),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtbert.compare import RunSummary, load_run
+from mtbert.report.runs import RunSummary, load_run
 
 # The recipe's dev targets (README; issue: a recipe that reaches its targets).
 DEFAULT_TARGETS = {"sst": 0.48, "quora": 0.86, "sts": 0.875}

@@ -1,7 +1,7 @@
 """Seed groups for ``python -m mtbert.compare``: runs whose configs differ only in ``train.seed``
 (and in settings that do not change the weights) form one group. The statistical table gives
 each group's mean ± 95% t-interval and n per task and overall, and compares every group with a
-reference group (default: the summed loss) by mtbert/stats.py's two-level test on the runs'
+reference group (default: the summed loss) by mtbert/report/stats.py's two-level test on the runs'
 saved dev predictions (``predictions/*-dev-output.csv`` against ``*-dev-gold.csv``), marking the
 differences significant at 5% after the Benjamini-Hochberg correction. Without prediction files
 (W&B groups, runs from before the gold files) only the seed level is tested.
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mtbert import stats
-from mtbert.compare import RunSummary
+from mtbert.report import stats
+from mtbert.report.runs import RunSummary
 
-# Settings that do not change what is trained (mtbert/resume.py's FREE_TO_CHANGE), and the seed.
+# Settings that do not change what is trained (mtbert/training/resume.py's FREE_TO_CHANGE), and the seed.
 NOT_A_SETTING = {
     "train.out_dir", "train.resume", "train.progress", "train.log_every", "train.eval_every",
     "train.checkpoint_every", "train.keep_last", "train.max_bad_steps", "train.compile", "train.predict_test",
@@ -47,7 +47,7 @@ class Group:
 def group_runs(runs: list[RunSummary]) -> list[Group]:
     """Runs -> groups (in first-seen order), labelled by the method title and the settings that
     vary between groups (``train.lr=0.0001``), never ``trial_3``."""
-    from mtbert.config import Config, to_dict
+    from mtbert.config.schema import Config, to_dict
     # A field added after a run was made is missing from its config.json; the run trained with the
     # field's default (a new field's default keeps the old behaviour), so it counts as that value.
     defaults = flatten(to_dict(Config()))
@@ -194,7 +194,7 @@ def report(runs: list[RunSummary], out: Path, reference: str = "", rounds: int =
     text = stats_table(groups, ref, results, tasks) + (
         f"\n\nmean ± 95% t-interval over seeds (n runs); **+/−**: differs from {ref.label!r} at 5% after "
         "Benjamini-Hochberg over every comparison of the table (seeds: Welch's t; examples: paired bootstrap "
-        "of the dev predictions; both must agree — mtbert/stats.py); a group of one seed is not tested")
+        "of the dev predictions; both must agree — mtbert/report/stats.py); a group of one seed is not tested")
     (out / "stats.md").write_text(text + "\n")
     plot_groups(groups, tasks, out)
     return text

@@ -66,7 +66,7 @@ class RunLock:
         return cls(path, fd)
 
     def release(self) -> None:
-        """Let go (a run over in a process that goes on: mtbert.multirun's next run)."""
+        """Let go (a run over in a process that goes on: mtbert.training.multirun's next run)."""
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)

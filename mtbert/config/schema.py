@@ -1,28 +1,18 @@
-"""Typed run configuration: dataclasses with a docstring per field, presets, dotted overrides.
+"""The typed run configuration: one dataclass per section, a docstring under every field (the
+``--help`` text is read from them), and the method lists the dataclasses' values are checked
+against. Plain data: no parsing (mtbert/config/cli.py) and no checks (mtbert/config/validate.py),
+so the model, data and optimizer code below can import it without importing the registries.
 
-    python mtbert/train.py --preset recipe --train.lr=3e-5 --data.tasks=sst,sts
-    python mtbert/train.py --config my_run.yaml --heads.sts.kind=cosine
-
-Precedence: defaults < preset < --config file < command-line overrides. Every value is
-checked before any work starts; an error names the field (``train.lr``) and what is wrong.
+Precedence of the values (cli.py): defaults < preset < --config file < command-line overrides.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import inspect
-import json
-import math
-import sys
 import textwrap
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-
-from mtbert.errors import ConfigError, UserError  # noqa: F401 - ConfigError: where callers have imported it from
-from mtbert.presets import PRESETS
 
 DATA_DIR_ENV = "MTBERT_DATA_DIR"
 
@@ -93,7 +83,7 @@ class ModelCfg:
     """Tokens per sentence (pairs in a cross-encoder share this budget)."""
     init_weights: str = ""
     """Start from these MultitaskModel weights (a run's best/model.safetensors), e.g. to fine-tune
-    a multitask model per task (mtbert.methods.ensemble)."""
+    a multitask model per task (mtbert.training.ensemble)."""
 
 
 @dataclass
@@ -331,26 +321,6 @@ def per_task(method_name: str) -> bool:
     return method_name in GRADIENT_METHODS
 
 
-CHOICES = {
-    "model.encoder": {"finetune", "frozen"},
-    "train.lr_schedule": {"linear", "cosine", "constant"},
-    "train.precision": {"auto", "no", "bf16", "fp16"},
-    "train.idle_params": {"auto", "keep", "step"},
-    "train.schedule": {"round_robin", "proportional", "annealed", "temperature", "union", "sequential"},
-    "method.name": {*LOSS_METHODS, *GRADIENT_METHODS},
-    "method.gram_blocks": {"whole", "layer"},
-    "method.cagrad_rescale": {0, 1, 2},
-    "method.pcgrad_reduction": {"sum", "mean"},
-    "method.reducer": {"allreduce", "sharded"},
-    "method.arrp_freeze": {"none", "all_but_head"},
-    "heads.*.kind": {"auto", "linear", "bi", "cos2d", "cosine", "cross"},
-    "heads.*.pooling": {"cls", "mean", "max"},
-    "heads.*.loss": {"auto", "ce", "bce", "mse", "cosine_embedding"},
-    "task_defs.*.kind": {"single_classification", "pair_classification", "pair_regression"},
-    "task_defs.*.source": {"cs224n", "hub"},
-}
-
-
 def field_docs(cls) -> dict[str, str]:
     """The docstring written under each dataclass field (parsed from the source)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
@@ -362,295 +332,16 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _parse_value(path: str, text: str, typ):
-    """Turn a command-line string into the field's type, or raise naming the field."""
-    try:
-        if typ is bool:
-            low = str(text).lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            return int(text)
-        if typ is float:
-            return float(text)
-        if typing.get_origin(typ) is list:
-            items = text if isinstance(text, list) else [t for t in str(text).split(",") if t.strip()]
-            return [str(t).strip() for t in items]
-        return str(text)
-    except ValueError:
-        raise ConfigError(f"{path}: expected {getattr(typ, '__name__', typ)}, got {text!r}") from None
-
-
-def _types(obj) -> dict:
-    return typing.get_type_hints(type(obj))
-
-
-def set_value(cfg: Config, dotted: str, text) -> None:
-    """Set ``cfg.<dotted>`` from a string, creating ``heads.<task>`` / ``task_defs.<name>`` entries."""
-    parts, obj, walked = dotted.split("."), cfg, []
-    for i, name in enumerate(parts):
-        walked.append(name)
-        path = ".".join(walked)
-        if isinstance(obj, dict):
-            kind = HeadCfg if walked[0] == "heads" else TaskDefCfg
-            obj = obj.setdefault(name, kind())
-            continue
-        hints = _types(obj)
-        if name not in hints:
-            close = difflib.get_close_matches(name, list(hints), n=1)
-            hint = f" (did you mean {'.'.join(walked[:-1] + close)}?)" if close else ""
-            raise ConfigError(f"unknown config key {path!r}{hint}; see --help")
-        if i == len(parts) - 1:
-            if typing.get_origin(hints[name]) is dict:
-                raise ConfigError(f"{path}: give a field, e.g. {path}.<task>.kind")
-            setattr(obj, name, _parse_value(path, text, hints[name]))
-            return
-        obj = getattr(obj, name)
-    raise ConfigError(f"{dotted}: give a field, not a section")
-
-
-def _flatten(d: dict, prefix="") -> dict[str, object]:
+def flatten(d: dict, prefix="") -> dict[str, object]:
+    """Nested dicts -> ``{"train.lr": 3e-5, ...}`` (dotted field paths)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
-def load_file(cfg: Config, path: str) -> None:
-    """Apply a YAML or JSON file of (nested) fields, e.g. the config.json of an earlier run."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--config: no such file {path}")
-    text = p.read_text()
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except Exception as e:  # the parser's message has the line number
-        raise ConfigError(f"{path}: cannot parse: {e}") from None
-    for key, value in _flatten(data).items():
-        set_value(cfg, key, value if isinstance(value, (list, str)) else str(value))
-
-
-def parse_args(argv: list[str]) -> Config:
-    """Defaults, then ``--preset NAME[,NAME]``, ``--config FILE``, then ``--a.b=value`` overrides."""
-    if "-h" in argv or "--help" in argv:
-        print(help_text())
-        sys.exit(0)
-    pairs, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --train.lr=3e-5")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            key, value = arg[2:], argv[i + 1]
-            i += 1
-        else:
-            key, value = arg[2:], "true"  # a bare flag: --train.compile
-        pairs.append((key, value))
-        i += 1
-    cfg = Config()
-    for key, value in pairs:
-        if key == "preset":
-            for name in value.split(","):
-                if name not in PRESETS:
-                    raise ConfigError(f"--preset: unknown preset {name!r}; known: {', '.join(PRESETS)}")
-                for k, v in (o[2:].split("=", 1) for o in PRESETS[name]):
-                    set_value(cfg, k, v)
-    for key, value in pairs:
-        if key == "config":
-            load_file(cfg, value)
-    for key, value in pairs:
-        if key not in ("preset", "config"):
-            set_value(cfg, key, value)
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: Config) -> None:
-    """Reject impossible values and combinations before any work; messages name the field."""
-    for key, value in _flatten(to_dict(cfg)).items():
-        _check_choice(key, value)
-        if isinstance(value, float) and not math.isfinite(value):  # nan passes every < / > check
-            raise ConfigError(f"{key}: must be a finite number, got {value}")
-    _check_numbers(cfg)
-    _check_tasks(cfg)
-    _check_method(cfg)
-
-
-def _check_choice(path: str, value) -> None:
-    pattern = path if path in CHOICES else ".".join(p if j != 1 else "*" for j, p in enumerate(path.split(".")))
-    allowed = CHOICES.get(pattern)
-    if allowed is not None and value not in allowed:
-        raise ConfigError(f"{path}: {value!r} is not one of {sorted(allowed)}")
-
-
-def _check_numbers(cfg: Config) -> None:
-    t, d, m = cfg.train, cfg.data, cfg.method
-    positive = {"data.batch_size": d.batch_size, "data.eval_batch_size": d.eval_batch_size,
-                "train.epochs": t.epochs, "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
-                "model.max_length": cfg.model.max_length, "train.keep_last": t.keep_last,
-                "train.max_bad_steps": t.max_bad_steps}
-    for path, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"{path}: must be > 0, got {v}")
-    for path, v in {"train.lr": t.lr, "train.head_lr": t.head_lr, "train.weight_decay": t.weight_decay,
-                    "train.grad_clip": t.grad_clip, "train.max_steps": t.max_steps,
-                    "train.eval_every": t.eval_every, "data.max_train": d.max_train,
-                    "method.arrp_batches": m.arrp_batches, "method.smart_steps": m.smart_steps}.items():
-        if v < 0:
-            raise ConfigError(f"{path}: must be >= 0, got {v}")
-    if t.lr == 0:
-        raise ConfigError("train.lr: must be > 0")
-    if not 0 < t.layer_lr_decay <= 1:
-        raise ConfigError(f"train.layer_lr_decay: must be in (0, 1], got {t.layer_lr_decay}")
-    if not 0 <= t.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = no weight average), got {t.ema_decay}")
-    for path, v in {"train.temperature": t.temperature, "method.smart_step": m.smart_step,
-                    "method.smart_noise": m.smart_noise}.items():
-        if v <= 0:
-            raise ConfigError(f"{path}: must be > 0, got {v}")
-    for path, v in {"data.max_eval": d.max_eval, "method.smart_weight": m.smart_weight,
-                    "method.arrp_weight": m.arrp_weight}.items():
-        if v < 0:
-            raise ConfigError(f"{path}: must be >= 0, got {v}")
-    if not (cfg.model.dropout == -1 or 0 <= cfg.model.dropout < 1):
-        raise ConfigError(f"model.dropout: -1 (the checkpoint's) or in [0, 1), got {cfg.model.dropout}")
-    if cfg.model.init_weights and not Path(cfg.model.init_weights).is_file():
-        raise ConfigError(f"model.init_weights: no such file {cfg.model.init_weights}")
-    if not 0 <= t.warmup < 1:
-        raise ConfigError(f"train.warmup: a fraction in [0, 1), got {t.warmup}")
-    factor, _, base = t.epoch_steps.rpartition("*")
-    try:
-        if base in ("smallest", "largest", "sum"):
-            assert float(factor or 1) > 0
-        else:
-            assert int(t.epoch_steps) > 0
-    except (ValueError, AssertionError):
-        raise ConfigError(f"train.epoch_steps: `smallest`, `largest`, `sum`, a multiple like `2*largest`, "
-                          f"or a positive integer, got {t.epoch_steps!r}") from None
-
-
-def _check_tasks(cfg: Config) -> None:
-    d, t = cfg.data, cfg.train
-    if not d.tasks:
-        raise ConfigError("data.tasks: name at least one task")
-    if len(set(d.tasks)) != len(d.tasks):
-        raise ConfigError(f"data.tasks: a task is listed twice: {d.tasks}")
-    from mtbert.data.tasks import TASKS  # local import: tasks.py imports this module
-    for name in d.tasks:
-        if name not in TASKS and name not in cfg.task_defs:
-            raise ConfigError(f"data.tasks: unknown task {name!r}; built in: {', '.join(TASKS)}; "
-                              f"or define it with --task_defs.{name}.kind=... ")
-    for name, head in cfg.heads.items():
-        if name not in d.tasks:
-            raise ConfigError(f"heads.{name}: {name!r} is not in data.tasks {d.tasks}")
-        if head.weight < 0 or head.layers not in (1, 2) or not 0 <= head.dropout < 1:
-            raise ConfigError(f"heads.{name}: weight must be >= 0, layers 1 or 2, dropout in [0, 1); "
-                              f"got weight={head.weight}, layers={head.layers}, dropout={head.dropout}")
-    for name in t.train_tasks:
-        if name not in d.tasks:
-            raise ConfigError(f"train.train_tasks: {name!r} is not in data.tasks {d.tasks}")
-
-
-def _check_method(cfg: Config) -> None:
-    t, m = cfg.train, cfg.method
-    trained = t.train_tasks or cfg.data.tasks
-    multi = {"method.name": m.name not in ("sum", "mean"), "method.pairwise": m.pairwise,
-             "method.arrp_batches": m.arrp_batches > 0}
-    for path, on in multi.items():
-        if on and len(trained) < 2:
-            raise ConfigError(f"{path}: needs at least two trained tasks, got {trained}")
-    if m.arrp_batches and t.schedule != "round_robin":
-        raise ConfigError("method.arrp_batches: ARRP extends round-robin training; set train.schedule=round_robin")
-    if m.pairwise and t.schedule != "round_robin":
-        raise ConfigError("method.pairwise: pairs are trained round-robin; set train.schedule=round_robin")
-    _check_method_family(cfg)
-    if cfg.model.sharing:
-        from mtbert.model.heads import parse_sharing
-        try:
-            parse_sharing(cfg.model.sharing)
-        except ValueError as e:
-            raise ConfigError(f"model.sharing: {e}") from None
-
-
-def _check_method_family(cfg: Config) -> None:
-    """Hyper-parameters of the gradient and loss-weighting methods, and their unproved combinations."""
-    m = cfg.method
-    if m.gram_blocks != "whole" and not per_task(m.name):
-        raise ConfigError(f"method.gram_blocks={m.gram_blocks}: block Grams are for per-task methods "
-                          f"({', '.join(GRADIENT_METHODS)}), not method.name={m.name}")
-    if m.gram_blocks != "whole" and per_task(m.name):
-        from mtbert.optim.aggregators import AGGREGATORS
-        if not AGGREGATORS[m.name].blocks:
-            raise ConfigError(f"method.gram_blocks: {m.name} solves one problem per step over all shared parameters "
-                              f"(state or coordinates, not per block); use whole")
-    if m.name == "cr_mogm":
-        from mtbert.optim.aggregators import AGGREGATORS
-        inner = [n for n, a in AGGREGATORS.items() if a.fn and not a.init_state and n not in ("gse", "cr_mogm")]
-        if m.cr_mogm_inner not in inner:
-            raise ConfigError(f"method.cr_mogm_inner: {m.cr_mogm_inner!r} is not a stateless per-task method; "
-                              f"use one of {', '.join(inner)}")
-    for path, v, ok in (("method.cagrad_c", m.cagrad_c, m.cagrad_c >= 0),
-                        ("method.gradvac_beta", m.gradvac_beta, 0 < m.gradvac_beta <= 1),
-                        ("method.dwa_temperature", m.dwa_temperature, m.dwa_temperature > 0),
-                        ("method.dwa_window", m.dwa_window, m.dwa_window > 0),
-                        ("method.famo_lr", m.famo_lr, m.famo_lr > 0), ("method.famo_decay", m.famo_decay, m.famo_decay >= 0),
-                        ("method.fairgrad_alpha", m.fairgrad_alpha, m.fairgrad_alpha >= 0),
-                        ("method.pcd_tau", m.pcd_tau, 0 <= m.pcd_tau <= 1),
-                        ("method.sdmgrad_lambda", m.sdmgrad_lambda, m.sdmgrad_lambda >= 0),
-                        ("method.modo_gamma", m.modo_gamma, m.modo_gamma > 0), ("method.modo_rho", m.modo_rho, m.modo_rho >= 0),
-                        ("method.cr_mogm_alpha", m.cr_mogm_alpha, 0 <= m.cr_mogm_alpha <= 1),
-                        ("method.gradnorm_alpha", m.gradnorm_alpha, m.gradnorm_alpha >= 0),
-                        ("method.gradnorm_lr", m.gradnorm_lr, m.gradnorm_lr > 0),
-                        ("method.krum_byzantine", m.krum_byzantine, m.krum_byzantine >= 0),
-                        ("method.krum_selected", m.krum_selected, m.krum_selected >= 1),
-                        ("method.trim", m.trim, m.trim >= 0),
-                        ("method.excess_eta", m.excess_eta, m.excess_eta > 0),
-                        ("method.moco_gamma", m.moco_gamma, m.moco_gamma > 0), ("method.moco_rho", m.moco_rho, m.moco_rho >= 0),
-                        ("method.dbmtl_beta", m.dbmtl_beta, 0 <= m.dbmtl_beta < 1),
-                        ("method.stch_mu", m.stch_mu, m.stch_mu > 0), ("method.stch_warmup", m.stch_warmup,
-                                                                         m.stch_warmup >= 0),
-                        ("method.uw_lr", m.uw_lr, m.uw_lr > 0)):
-        if not ok:
-            raise ConfigError(f"{path}: out of range, got {v} (see --help)")
-    if m.name == "famo" and m.smart:
-        raise ConfigError("method.smart: FAMO's loss-change update re-evaluates the plain task losses; "
-                          "SMART's noise terms are not part of them (not supported together)")
-
-
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def help_text() -> str:
-    lines = ["usage: accelerate launch mtbert/train.py [--preset NAME] [--config FILE] [--section.field=VALUE ...]",
-             "", f"presets: {', '.join(PRESETS)}", f"data: --data.dir or ${DATA_DIR_ENV}", "",
-             "methods (--preset NAME; mtbert/methods/registry.py):"]
-    from mtbert.methods.registry import METHODS
-    for name, spec in METHODS.items():
-        lines.append(textwrap.fill(f"{name}: {spec.title} — {spec.source}" + (f"; refuses {spec.refuses}" if spec.refuses
-                                   else ""), 96, initial_indent="  ", subsequent_indent="      "))
-    lines.append("")
-    sections = [("model", ModelCfg), ("data", DataCfg), ("train", TrainCfg), ("method", MethodCfg),
-                ("log", LogCfg), ("heads.<task>", HeadCfg), ("task_defs.<name>", TaskDefCfg)]
-    for prefix, cls in sections:
-        lines.append(f"[{prefix}]")
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  --{prefix}.{f.name}={default!r}")
-            lines.append(textwrap.fill(docs.get(f.name, ""), 96, initial_indent="      ", subsequent_indent="      "))
-        lines.append("")
-    return "\n".join(lines)
-

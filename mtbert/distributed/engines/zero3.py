@@ -34,7 +34,7 @@ import itertools
 
 import torch
 
-from mtbert.engines.zero import DeepSpeedEngine
+from mtbert.distributed.engines.zero import DeepSpeedEngine
 from mtbert.optim.gradients import GramOnlyReducer, TaskRows, block_ranges, split_parameters
 
 

@@ -27,7 +27,7 @@ def check_wandb_ready(log_cfg) -> None:
         return
     import importlib.util
 
-    from mtbert.config import ConfigError
+    from mtbert.errors import ConfigError
     if importlib.util.find_spec("wandb") is None:
         raise ConfigError("log.wandb: the wandb package is not installed (pip install wandb), or set log.wandb=false")
     if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mtbert.collectives import Collectives
+from mtbert.distributed.collectives import Collectives
 
 
 @torch.no_grad()

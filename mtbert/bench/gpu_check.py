@@ -1,13 +1,13 @@
 """A one-command acceptance check for the day a GPU is at hand (~5-10 minutes on one GPU):
 
-    bash launch/gpu_check.sh                  # = python -m mtbert.gpu_check --out runs/gpu_check
+    bash launch/gpu_check.sh                  # = python -m mtbert.bench.gpu_check --out runs/gpu_check
 
 - NCCL, world 1 (torchrun): every method in bf16 and fp16 (the collectives, device-checked in
-  mtbert/collectives.py, take CUDA tensors or the run stops), and ``train.compile``;
+  mtbert/distributed/collectives.py, take CUDA tensors or the run stops), and ``train.compile``;
 - DeepSpeed ZeRO-2 and ZeRO-3 and FSDP2, world 1, with the summed path and PCGrad (bf16, fp16);
 - the bench's model part: minBERT's tokens/s and MFU against the device's bf16 peak.
 One table at the end (and ``gpu_check.md``/``.json`` in ``--out``); exit 1 if any row failed.
-The runs of one launch run in one process (mtbert/multirun.py): the packaged all-MiniLM-L6-v2 on
+The runs of one launch run in one process (mtbert/training/multirun.py): the packaged all-MiniLM-L6-v2 on
 the packaged sample data, a few steps each. It needs no test files. ``--device cpu`` runs the
 same plumbing on gloo (a dry run; the suite never needs a GPU).
 """
@@ -49,14 +49,14 @@ def plans(out: Path, checkpoint: str, steps: int, methods: list[str]) -> list[di
 
 
 def run_launch(plan: dict, out: Path, timeout: float) -> list[dict]:
-    """One launch of mtbert.multirun for the plan's cases -> one table row per case."""
-    from mtbert.multirun import read_results
+    """One launch of mtbert.training.multirun for the plan's cases -> one table row per case."""
+    from mtbert.training.multirun import read_results
     folder = out / plan["name"]
     folder.mkdir(parents=True, exist_ok=True)
     plan_file = folder / "plan.json"
     plan_file.write_text(json.dumps({"results": str(folder / "results"), "cases": plan["cases"]}))
     cmd = [*plan["cmd"], "--master_port" if "torchrun" in plan["cmd"][0] else "--main_process_port",
-           str(29500 + os.getpid() % 1000), "-m", "mtbert.multirun", str(plan_file)]
+           str(29500 + os.getpid() % 1000), "-m", "mtbert.training.multirun", str(plan_file)]
     start = time.time()
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)

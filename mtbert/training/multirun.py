@@ -2,13 +2,13 @@
 short runs costs without paying the start-up of each.
 
     accelerate launch --config_file accelerate_configs/<engine>.yaml [--num_processes N] \\
-        -m mtbert.multirun PLAN.json
+        -m mtbert.training.multirun PLAN.json
 
 PLAN.json: ``{"results": DIR, "cases": [{"id": str, "args": [trainer overrides...]}, ...]}``.
 A launched run costs ~10 s of start-up on a 2-core machine (interpreters, imports of torch,
 transformers, accelerate and DeepSpeed, the launcher, DeepSpeed's set-up) for seconds of work on
 a small model; the equivalence tests (tests/harness.py) and the GPU acceptance check
-(mtbert/gpu_check.py) run dozens of runs this way.
+(mtbert/bench/gpu_check.py) run dozens of runs this way.
 
 Each case is ``mtbert.train.train`` as the command line runs it: Accelerate's singletons are
 reset, so the case builds its own Accelerator (the launch's process group is kept: Accelerate and
@@ -26,7 +26,7 @@ cases of several engines in turn (docs/testing.md says when the tests do).
 Per case, every rank writes its console output to ``DIR/<id>.rank<r>.log``; rank 0 then writes
 ``DIR/<id>.json`` (exit code, wall time). A case that raises writes its traceback to
 ``DIR/<id>.rank<r>.error`` and ends the launch with exit 1 (the other ranks would wait in a
-collective; the launcher stops them). The launch ends through ``mtbert.process.leave``.
+collective; the launcher stops them). The launch ends through ``mtbert.training.process.leave``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from mtbert import process
+from mtbert.training import process
 
 
 def reset_accelerate() -> None:
@@ -92,7 +92,7 @@ def run_case(case: dict, results: Path, rank: int, around: Callable | None = Non
 
 def run_plan(plan_file: str, around: Callable | None = None) -> int:
     """Every case of the plan in turn (see the module docstring). -> 0."""
-    from mtbert.collectives import destroy_process_group
+    from mtbert.distributed.collectives import destroy_process_group
     plan = json.loads(Path(plan_file).read_text())
     results, rank = Path(plan["results"]), int(os.environ.get("RANK", "0"))
     results.mkdir(parents=True, exist_ok=True)

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from mtbert.collectives import Collectives
-from mtbert.config import per_task
-from mtbert.engines import make_engine
+from mtbert.config.schema import per_task
+from mtbert.distributed.collectives import Collectives
+from mtbert.distributed.engines import make_engine
 from mtbert.methods.smart import smart_loss
 from mtbert.model.heads import LOG_VARS
 from mtbert.optim import aggregators, loss_weighting
@@ -44,7 +44,7 @@ from mtbert.optim.loss_weighting import LOSS_WEIGHTINGS, WeightingInputs
 if TYPE_CHECKING:  # annotations only: accelerate is imported by the caller
     from accelerate import Accelerator
 
-    from mtbert.config import Config
+    from mtbert.config.schema import Config
 
 
 @dataclass

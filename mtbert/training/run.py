@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from mtbert.collectives import Collectives
-from mtbert.config import Config
+from mtbert.config.schema import Config
 from mtbert.data.batching import TokenizedSplit
 from mtbert.data.sampler import ShardedTaskSampler
 from mtbert.data.tasks import TaskSpec
+from mtbert.distributed.collectives import Collectives
 from mtbert.methods.phases import Phase
 from mtbert.model.heads import MultitaskModel
-from mtbert.reporting import Reporter
-from mtbert.step import Stepper
+from mtbert.report.reporter import Reporter
+from mtbert.training.step import Stepper
 
 
 @dataclass
@@ -29,7 +29,7 @@ class TrainState:
     best: float = -1.0  # best dev overall so far
     bad_streak: int = 0  # non-finite steps in a row
     evaluated: int = -1  # step of the last evaluation at a phase end (0: the one at the start)
-    examples: int = 0  # training examples of the global batches so far (time-to-quality: mtbert.quality)
+    examples: int = 0  # training examples of the global batches so far (time-to-quality: mtbert.report.quality)
 
 
 @dataclass

@@ -203,7 +203,7 @@ def load_checkpoint(accelerator, path: Path) -> dict:
 def save_weights(accelerator, model, folder: Path, info: dict) -> None:
     """Model weights (safetensors) + info.json into ``folder``, atomically and durably, by the
     main process (the gather of ZeRO-3 partitions is a collective: every rank calls this)."""
-    from mtbert.engines.fsdp2 import full_state_dict, is_sharded
+    from mtbert.distributed.engines.fsdp2 import full_state_dict, is_sharded
     state = full_state_dict(model) if is_sharded(model) else accelerator.get_state_dict(model)  # (collectives)
     if accelerator.is_main_process:
         from safetensors.torch import save_file
@@ -232,7 +232,7 @@ def load_best(model, run_dir: Path) -> dict | None:
         return None
     from safetensors.torch import load_file
 
-    from mtbert.engines.fsdp2 import is_sharded, load_full_state_dict
+    from mtbert.distributed.engines.fsdp2 import is_sharded, load_full_state_dict
     weights = load_file(str(folder / "model.safetensors"))
     if is_sharded(model):  # every rank reads the whole file and keeps its shards
         load_full_state_dict(model, weights)

@@ -21,10 +21,10 @@ optimizers always do, so it is the only setting there (accelerator.py enforces i
 
 from __future__ import annotations
 
-from mtbert.engines.fsdp2 import Fsdp2Engine, marked
-from mtbert.engines.torch_engine import TorchEngine
-from mtbert.engines.zero import DeepSpeedEngine
-from mtbert.engines.zero3 import Zero3Engine
+from mtbert.distributed.engines.fsdp2 import Fsdp2Engine, marked
+from mtbert.distributed.engines.torch_engine import TorchEngine
+from mtbert.distributed.engines.zero import DeepSpeedEngine
+from mtbert.distributed.engines.zero3 import Zero3Engine
 
 __all__ = ["DeepSpeedEngine", "Fsdp2Engine", "TorchEngine", "Zero3Engine", "make_engine"]
 

@@ -81,7 +81,7 @@ def guard_process() -> None:
 def connect(accelerator) -> None:
     """From now on a stop signal sets Accelerate's trigger, which ``check_trigger`` reduces over
     ranks so that all stop at the same step; a request recorded during start-up is passed on
-    (``_requested`` is cleared for the next run in this process, mtbert.multirun's)."""
+    (``_requested`` is cleared for the next run in this process, mtbert.training.multirun's)."""
     def stop(signum, frame):
         if signum == signal.SIGINT:
             _record(signum, frame)  # a second one stops at once
