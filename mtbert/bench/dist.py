@@ -21,7 +21,7 @@ from mtbert.bench.core import alternate, bench_checkpoint, task_batches
 
 def bench_dist(quick: bool, out: Path, data_dir: str) -> list[dict]:
     """Launch 2 gloo ranks (accelerate, cpu_2proc.yaml) running ``--dist-worker``."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     accel = Path(sys.executable).parent / "accelerate"
     cmd = [str(accel) if accel.exists() else "accelerate", "launch", "--config_file",
            str(root / "accelerate_configs" / "cpu_2proc.yaml"), "-m", "mtbert.bench.dist", "dist",
@@ -87,7 +87,7 @@ def dist_worker(quick: bool, out: Path, data_dir: str) -> None:
 def bench_zero(quick: bool, out: Path, data_dir: str) -> list[dict]:
     """2 gloo ranks under DeepSpeed ZeRO-2 and ZeRO-3 (one launch per stage: the stage is a launch
     setting): PCGrad vs the summed loss under the same engine, side by side in each launch."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     accel = Path(sys.executable).parent / "accelerate"
     rows = []
     for stage in (2, 3):

@@ -52,9 +52,9 @@ def run_case(coll: Collectives, out: str, ckpt: str, steps: int, accum: int, ove
                       "--train.grad_clip=1.0", "--method.conflict_stats=false", "--heads.sts.kind=bi", *overrides])
     from transformers import AutoTokenizer
 
-    from mtbert.bench.core import _task_batches
+    from mtbert.bench.core import task_batches
     ref_model, specs, folder = build(cfg)
-    batches = _task_batches(cfg, ref_model, AutoTokenizer.from_pretrained(str(folder)), specs, steps * accum)
+    batches = task_batches(cfg, ref_model, AutoTokenizer.from_pretrained(str(folder)), specs, steps * accum)
     b = GLOBAL_BATCH // world
     mine = [{t: {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()} for t, batch in bb.items()} for bb in batches]
     phase = Phase(tuple(specs), steps, 1, "test")
