@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,16 +43,17 @@ def job_state(job: str) -> tuple[str, str]:
     return (state.group(1) if state else "GONE"), (code.group(1) if code else "?")
 
 
-def wait_jobs(job: str, timeout: float) -> None:
-    """Poll squeue (sbatch --wait notices completion late) until the job and its array tasks are gone.
-    Slurm holds a requeued job for ~2 minutes (reason BeginTime); the test releases it after 3 s
-    (a start within the second of the requeue is refused: "Job credential revoked")."""
+def follow(job: str, timeout: float) -> str | None:
+    """Poll squeue (sbatch --wait notices completion late) until the job and its array tasks are
+    gone -> None, or what went wrong. Slurm holds a requeued job for ~2 minutes (reason
+    BeginTime); it is released after 3 s (a start within the second of the requeue is refused:
+    "Job credential revoked")."""
     deadline, held = time.time() + timeout, {}
     while queued := subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T %r"], capture_output=True,
                                    text=True).stdout.strip():
         if time.time() > deadline:
             subprocess.run(["scancel", job])
-            pytest.fail(f"job {job} still queued after {timeout}s: {job_state(job)}")
+            return f"job {job} still queued after {timeout}s: {job_state(job)}"
         for line in queued.splitlines():
             jid, state, reason = line.split()[:3]
             if state == "PENDING" and reason == "BeginTime":
@@ -59,6 +61,12 @@ def wait_jobs(job: str, timeout: float) -> None:
                     subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
                     held.pop(jid)
         time.sleep(0.5)
+    return None
+
+
+def wait_jobs(job: str, timeout: float) -> None:
+    if problem := follow(job, timeout):
+        pytest.fail(problem)
 
 
 def env():
@@ -67,7 +75,83 @@ def env():
             "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def test_sweep_array_then_compare(tiny_ckpt, tmp_path):
+class Preempted(threading.Thread):
+    """One submitted job, preempted from the background: once ``ready()`` (training started, or a
+    first checkpoint written) ``scancel <preempt>`` is sent, and the job is followed (requeue holds
+    released) until it is gone. Every job of the module is submitted at once and runs beside the
+    others (the CI node oversubscribes its cores: slurm/ci/start-slurm.sh), so the module waits for
+    the slowest job instead of the sum of them; the tests then read what each job left."""
+
+    def __init__(self, job: str, log: Path, preempt: list[str], ready):
+        super().__init__(daemon=True)
+        self.job, self.log, self.preempt, self.ready, self.problem = job, log, preempt, ready, None
+        self.start()
+
+    def run(self):
+        deadline = time.time() + 300
+        while not self.ready():
+            if time.time() > deadline:
+                self.problem = f"never ready to preempt: {job_state(self.job)} {self.text()[-3000:]}"
+                subprocess.run(["scancel", self.job])
+                return
+            time.sleep(0.2)
+        subprocess.run(["scancel", *self.preempt, self.job], check=True)
+        self.problem = follow(self.job, 600)
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def finished(self) -> str:
+        """-> the job's output, once the job is gone (fails the test with what went wrong)."""
+        self.join(timeout=1200)
+        assert not self.is_alive(), f"job {self.job} still followed after 20 minutes"
+        assert self.problem is None, self.problem
+        return self.text()
+
+
+SINGLE = {"usr1-to-batch-shell": ["--signal=USR1", "--batch"], "term-to-every-process": ["--signal=TERM", "--full"]}
+MULTINODE = {"usr1-to-batch-shell": ["--signal=USR1", "--batch"], "term-to-every-step-process": ["--signal=TERM"],
+             "term-to-every-process": ["--signal=TERM", "--full"]}
+
+
+def submit(cmd: list[str]) -> str:
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, check=True).stdout.strip()
+
+
+def train_started(run: Path):
+    return lambda: (run / "metrics.jsonl").exists() and any(r["split"] == "train" for r in read_metrics(run))
+
+
+def checkpointed(run: Path):
+    return lambda: bool(list((run / "checkpoints").glob("step_*")))
+
+
+@pytest.fixture(scope="module")
+def jobs(tiny_ckpt, tmp_path_factory):
+    """Every preemption job of the module, submitted together and preempted in the background."""
+    out = {}
+    for name, preempt in SINGLE.items():
+        folder = tmp_path_factory.mktemp(f"single-{name}")
+        run, log = folder / "run", folder / "job.out"
+        job = submit(["sbatch", "--parsable", "--time=15", f"--output={log}",
+                      "--export=ALL,ACCEL_CONFIG=accelerate_configs/cpu_1proc.yaml,NPROC=1", "slurm/train.sbatch",
+                      f"--model.checkpoint={tiny_ckpt}", "--data.batch_size=8", "--train.epoch_steps=200",
+                      "--train.epochs=1", "--train.progress=false", "--data.max_eval=16", f"--train.out_dir={run}"])
+        out[("single", name)] = (Preempted(job, log, preempt, train_started(run)), run)
+    for name, preempt in MULTINODE.items():
+        folder = tmp_path_factory.mktemp(f"multinode-{name}")
+        run, log = folder / "run", folder / "job.out"
+        job = submit(["sbatch", "--parsable", "--time=15", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2",
+                      "--cpus-per-task=1", f"--output={log}",
+                      "--export=ALL,ACCEL_CONFIG=accelerate_configs/cpu_2proc.yaml,GPUS_PER_NODE=1",
+                      "slurm/multinode.sbatch", *multinode_args(tiny_ckpt), f"--train.out_dir={run}"])
+        # signalled mid-run, after the first checkpoint
+        out[("multinode", name)] = (Preempted(job, log, preempt, checkpointed(run)), run)
+    return out
+
+
+def test_sweep_array_then_compare(tiny_ckpt, tmp_path, jobs, two_rank_reference):
+    """(``jobs``, ``two_rank_reference``: the preemption jobs are submitted first and run beside this one.)"""
     spec = tmp_path / "tiny.yaml"
     spec.write_text(f"""name: tiny-sweep
 base: ["--model.checkpoint={tiny_ckpt}", "--data.batch_size=8", "--train.epoch_steps=4", "--train.epochs=1", "--train.progress=false",
@@ -107,26 +191,13 @@ grid:
     assert (trials[0] / "analysis" / "report.md").exists()
 
 
-@pytest.mark.parametrize("preempt", [["--signal=USR1", "--batch"], ["--signal=TERM", "--full"]],
-                         ids=["usr1-to-batch-shell", "term-to-every-process"])
-def test_preempted_job_checkpoints_requeues_and_finishes(tiny_ckpt, tmp_path, preempt):
+@pytest.mark.parametrize("name", SINGLE)
+def test_preempted_job_checkpoints_requeues_and_finishes(jobs, name):
     """One node, no srun: the batch shell, the launcher and the rank all get the TERM of
     `--full`; the launcher ignores it, the rank checkpoints, the job is requeued."""
-    run = tmp_path / "run"
-    log = tmp_path / "job.out"
-    cmd = ["sbatch", "--parsable", "--time=15", f"--output={log}",
-           "--export=ALL,ACCEL_CONFIG=accelerate_configs/cpu_1proc.yaml,NPROC=1", "slurm/train.sbatch",
-           f"--model.checkpoint={tiny_ckpt}", "--data.batch_size=8", "--train.epoch_steps=200", "--train.epochs=1",
-           "--train.progress=false", "--data.max_eval=16", f"--train.out_dir={run}"]
-    job = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, check=True).stdout.strip()
-    deadline = time.time() + 300
-    while not (run / "metrics.jsonl").exists() or not [r for r in read_metrics(run) if r["split"] == "train"]:
-        assert time.time() < deadline, f"training never started: {job_state(job)} {log.read_text()[-2000:] if log.exists() else ''}"
-        time.sleep(0.5)
-    subprocess.run(["scancel", *preempt, job], check=True)
-    wait_jobs(job, 600)
-    text = log.read_text()
-    assert job_state(job)[0] in ("COMPLETED", "GONE"), text[-3000:]
+    follower, run = jobs[("single", name)]
+    text = follower.finished()
+    assert job_state(follower.job)[0] in ("COMPLETED", "GONE"), text[-3000:]
     assert "stop requested: checkpoint at step" in text, text[-3000:]
     assert "requeueing job" in text and "resumed from" in text, text[-3000:]
     assert "checkpoint written; requeueing job" in text, text[-3000:]
@@ -151,10 +222,8 @@ def multinode_args(tiny_ckpt) -> list[str]:
             "--model.dropout=0.0", "--method.name=pcgrad"]
 
 
-@pytest.mark.parametrize("preempt", [["--signal=USR1", "--batch"], ["--signal=TERM"], ["--signal=TERM", "--full"]],
-                         ids=["usr1-to-batch-shell", "term-to-every-step-process", "term-to-every-process"])
-def test_multinode_job_preempted_requeues_and_matches_an_uninterrupted_run(tiny_ckpt, tmp_path, two_rank_reference,
-                                                                           preempt):
+@pytest.mark.parametrize("name", MULTINODE)
+def test_multinode_job_preempted_requeues_and_matches_an_uninterrupted_run(jobs, two_rank_reference, name):
     """slurm/multinode.sbatch with two srun tasks on the one node standing in for two nodes (each
     task one `accelerate launch` with its own machine rank, 1 CPU rank each), preempted by a stop
     request to the batch shell only, a TERM to every process of the steps (launchers and ranks of
@@ -163,18 +232,9 @@ def test_multinode_job_preempted_requeues_and_matches_an_uninterrupted_run(tiny_
     Every variant must be requeued and end with the uninterrupted run's final weights."""
     import torch
     from conftest import load_weights
-    run, log = tmp_path / "run", tmp_path / "job.out"
-    cmd = ["sbatch", "--parsable", "--time=15", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1",
-           f"--output={log}", "--export=ALL,ACCEL_CONFIG=accelerate_configs/cpu_2proc.yaml,GPUS_PER_NODE=1",
-           "slurm/multinode.sbatch", *multinode_args(tiny_ckpt), f"--train.out_dir={run}"]
-    job = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, check=True).stdout.strip()
-    deadline = time.time() + 300
-    while not list((run / "checkpoints").glob("step_*")):  # signalled mid-run, after the first checkpoint
-        assert time.time() < deadline, f"no checkpoint: {job_state(job)} {log.read_text()[-3000:] if log.exists() else ''}"
-        time.sleep(0.2)
-    subprocess.run(["scancel", *preempt, job], check=True)
-    wait_jobs(job, 600)
-    text = log.read_text()
+    follower, run = jobs[("multinode", name)]
+    preempt = follower.preempt
+    text = follower.finished()
     assert "2 process(es)" in text and "restart 1" in text, text[-4000:]
     resumed = re.search(r"resumed from \S+/checkpoints/step_(\d+) at step (\d+)", text)
     assert resumed and int(resumed.group(1)) < 60, f"not resumed mid-run:\n{text[-4000:]}"

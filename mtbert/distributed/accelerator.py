@@ -50,6 +50,8 @@ def make_accelerator(cfg):
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=leaves_parameters_idle(cfg))]
     if not cuda and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed):
         handlers.append(InitProcessGroupKwargs(backend="gloo"))  # else DeepSpeed on CPU asks for NCCL/oneCCL
+    if deepspeed and not cuda:
+        skip_deepspeed_cpu_shm_build()
     with _accelerate_fsdp_off(fsdp):
         accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="no" if fp16 else precision,
                                   kwargs_handlers=handlers, log_with="wandb" if cfg.log.wandb else None,
@@ -67,6 +69,19 @@ def make_accelerator(cfg):
     device = accelerator.device.type
     autocast = (lambda: torch.autocast(device, dtype=torch.float16)) if fp16 else None
     return accelerator, autocast, LossScaler(cfg.train.fp16_loss_scale) if fp16 else None
+
+
+def skip_deepspeed_cpu_shm_build() -> None:
+    """DeepSpeed on CPU builds its shared-memory all-reduce when its communication starts
+    (deepspeed/comm/torch.py: ``TorchBackend.__init__`` -> ``build_shm_op``): a C++ extension
+    compiled by the JIT op builder, 46 s on this 2-core machine whenever it is not cached (every CI
+    run), and a compiler required. Only ``inference_all_reduce`` (DeepSpeed's tensor-parallel
+    inference) calls it; ZeRO's collectives are torch.distributed's on gloo. DeepSpeed keeps which
+    ops can be built in ``deepspeed.ops.__compatible_ops__`` (a dict whose edits persist,
+    deepspeed/ops/__init__.py); marked incompatible, ``build_shm_op`` returns None and builds nothing."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 # The methods of issue 25 are proved on several processes (tests/equivalence_design.py, FAMILY) with
