@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import pytest
 import torch
 from conftest import load_weights, read_metrics, run_main, tiny_args
-from test_reliability import _stable, _start
+from test_reliability import _stable, _start, _wait_for
 
 STATEFUL = {"gradvac": ["--method.name=gradvac", "--method.gradvac_beta=0.5"],
             "nash_mtl": ["--method.name=nash_mtl"],
@@ -34,40 +33,17 @@ LONG = ["--train.epoch_steps=30", "--train.checkpoint_every=4", "--train.keep_la
         "--train.log_every=5", "--train.eval_every=0"]
 
 
-@pytest.fixture(scope="module")
-def killed(tiny_ckpt, tmp_path_factory):
-    """Every stateful method's run, started together (they share the cores: the start-ups, the
-    longest part, overlap) and each SIGKILLed as soon as its step_8 checkpoint exists -> method ->
-    (run directory, its arguments, the exit status)."""
-    victims = {}
-    for method in sorted(STATEFUL):
-        folder = tmp_path_factory.mktemp(f"killed-{method}")
-        args = tiny_args(tiny_ckpt, folder / "run", *STATEFUL[method], *LONG)
-        victims[method] = (_start(args, log=folder / "run.log"), folder / "run", args)
-    pending, deadline, out = dict(victims), time.time() + 300, {}
-    try:
-        while pending:
-            for method, (proc, run, args) in list(pending.items()):
-                if (run / "checkpoints" / "step_8").exists():
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    out[method] = (run, args, proc.wait())
-                    del pending[method]
-                elif proc.poll() is not None:
-                    pytest.fail(f"{method}: the run ended before step_8: {(run.parent / 'run.log').read_text()[-3000:]}")
-            assert time.time() < deadline, f"no step_8 after 300 s: {sorted(pending)}"
-            time.sleep(0.02)
-    finally:
-        for proc, _, _ in pending.values():
-            os.killpg(proc.pid, signal.SIGKILL)
-    return out
-
-
 @pytest.mark.parametrize("method", sorted(STATEFUL))
-def test_stateful_method_resumes_bit_exactly_after_sigkill(tiny_ckpt, tmp_path, method, killed, capsys):
+def test_stateful_method_resumes_bit_exactly_after_sigkill(tiny_ckpt, tmp_path, method, capsys):
     ref = tmp_path / "uninterrupted"
     assert run_main(tiny_args(tiny_ckpt, ref, *STATEFUL[method], *LONG)) == 0
-    run, args, code = killed[method]
-    assert code == -signal.SIGKILL and not (run / "final").exists(), "the kill did not land mid-run"
+    run = tmp_path / "run"
+    args = tiny_args(tiny_ckpt, run, *STATEFUL[method], *LONG)
+    proc = _start(args)
+    _wait_for(run / "checkpoints" / "step_8", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (run / "final").exists(), "the kill did not land mid-run"
     newest = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
     folder = run / "checkpoints" / f"step_{newest}"
     saved = json.loads((folder / "trainer_state.json").read_text())["method_state"]
