@@ -129,3 +129,13 @@ def test_the_checks_find_what_they_look_for(tmp_path):
     assert sorted(map(tuple, circles(graph))) == [("mtbert.model.a", "mtbert.model.b", "mtbert.train")]
     assert layer_of("mtbert.model.b") < layer_of("mtbert.train")  # b -> train points up
     assert layer_of("mtbert.config.schema") < layer_of("mtbert.model") < layer_of("mtbert.config.cli")
+
+
+def test_every_module_is_in_the_installed_package():
+    """setuptools finds the packages by their __init__.py (pyproject.toml: packages.find): a folder of
+    modules without one is left out of the wheel, and an installed mtbert cannot import it."""
+    from setuptools import find_packages
+    found = set(find_packages(str(ROOT), include=["mtbert*"]))
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mtbert").rglob("*.py")
+               if "sample" not in p.parts}  # data/sample: package data and its generator script
+    assert folders <= found, f"folders of modules that a wheel would leave out: {sorted(folders - found)}"

@@ -36,8 +36,49 @@ def gold_dev(run_dir: Path):
     return out
 
 
+def _regression_section(ax, task: str, spec, p: np.ndarray, g: np.ndarray) -> list[str]:
+    """Scatter of predicted vs gold, the mean prediction (±1 sd) per gold bin; Pearson r and MAE."""
+    r = float(np.corrcoef(p, g)[0, 1]) if len(p) > 1 else float("nan")
+    ax.scatter(g, p, s=6, alpha=0.4)
+    bins = np.linspace(*spec.label_range, 11)
+    centers, mean, sd = [], [], []
+    for lo, hi in zip(bins[:-1], bins[1:]):
+        sel = (g >= lo) & (g <= hi)
+        if sel.sum() > 2:
+            centers.append((lo + hi) / 2)
+            mean.append(p[sel].mean())
+            sd.append(p[sel].std())
+    centers, mean, sd = map(np.array, (centers, mean, sd))
+    ax.plot(centers, mean, color="C1", label="mean prediction")
+    ax.fill_between(centers, mean - sd, mean + sd, color="C1", alpha=0.25, label="±1 sd")
+    ax.plot(spec.label_range, spec.label_range, "k--", lw=0.8, label="ideal")
+    ax.set_xlabel("gold")
+    ax.set_ylabel("predicted")
+    ax.set_title(f"{task}: Pearson {r:.3f}")
+    ax.legend(fontsize=7)
+    return [f"Pearson r = {r:.4f}; mean absolute error {np.abs(p - g).mean():.3f}."]
+
+
+def _classification_section(ax, task: str, spec, p: np.ndarray, g: np.ndarray) -> list[str]:
+    """The confusion matrix, drawn and as a table; accuracy."""
+    n = int(spec.num_labels)
+    cm = np.zeros((n, n), dtype=int)
+    for a, b in zip(g.astype(int), p.astype(int)):
+        cm[a, b] += 1
+    ax.imshow(cm, cmap="Blues")
+    for a in range(n):
+        for b in range(n):
+            ax.text(b, a, cm[a, b], ha="center", va="center", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(f"{task}: accuracy {(p == g).mean():.3f}")
+    lines = [f"Accuracy {(p == g).mean():.4f}. Confusion matrix (rows gold, columns predicted):", ""]
+    lines += ["| gold \\ pred | " + " | ".join(map(str, range(n))) + " |", "|---" * (n + 1) + "|"]
+    return lines + [f"| {a} | " + " | ".join(map(str, cm[a])) + " |" for a in range(n)]
+
+
 def write_report(run_dir: Path, worst: int = 8) -> Path:
-    # (Longer than ~60 lines on purpose: the report is written top to bottom, a section per task.)
+    """``<run>/analysis/report.md``: a section per task (its plot, its numbers, its worst examples)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -55,42 +96,8 @@ def write_report(run_dir: Path, worst: int = 8) -> Path:
         g = np.array([gold[i].label for i in ids])
         lines.append(f"## {task} ({len(ids)} dev examples)")
         fig, ax = plt.subplots(figsize=(4.4, 4))
-        if spec.kind == "pair_regression":
-            r = float(np.corrcoef(p, g)[0, 1]) if len(p) > 1 else float("nan")
-            ax.scatter(g, p, s=6, alpha=0.4)
-            bins = np.linspace(*spec.label_range, 11)
-            centers, mean, sd = [], [], []
-            for lo, hi in zip(bins[:-1], bins[1:]):
-                sel = (g >= lo) & (g <= hi)
-                if sel.sum() > 2:
-                    centers.append((lo + hi) / 2)
-                    mean.append(p[sel].mean())
-                    sd.append(p[sel].std())
-            centers, mean, sd = map(np.array, (centers, mean, sd))
-            ax.plot(centers, mean, color="C1", label="mean prediction")
-            ax.fill_between(centers, mean - sd, mean + sd, color="C1", alpha=0.25, label="±1 sd")
-            ax.plot(spec.label_range, spec.label_range, "k--", lw=0.8, label="ideal")
-            ax.set_xlabel("gold")
-            ax.set_ylabel("predicted")
-            ax.set_title(f"{task}: Pearson {r:.3f}")
-            ax.legend(fontsize=7)
-            lines.append(f"Pearson r = {r:.4f}; mean absolute error {np.abs(p - g).mean():.3f}.")
-        else:
-            n = int(spec.num_labels)
-            cm = np.zeros((n, n), dtype=int)
-            for a, b in zip(g.astype(int), p.astype(int)):
-                cm[a, b] += 1
-            ax.imshow(cm, cmap="Blues")
-            for a in range(n):
-                for b in range(n):
-                    ax.text(b, a, cm[a, b], ha="center", va="center", fontsize=8)
-            ax.set_xlabel("predicted")
-            ax.set_ylabel("gold")
-            ax.set_title(f"{task}: accuracy {(p == g).mean():.3f}")
-            lines.append(f"Accuracy {(p == g).mean():.4f}. Confusion matrix (rows gold, columns predicted):")
-            lines.append("")
-            lines += ["| gold \\ pred | " + " | ".join(map(str, range(n))) + " |", "|---" * (n + 1) + "|"]
-            lines += [f"| {a} | " + " | ".join(map(str, cm[a])) + " |" for a in range(n)]
+        section = _regression_section if spec.kind == "pair_regression" else _classification_section
+        lines += section(ax, task, spec, p, g)
         fig.tight_layout()
         fig.savefig(out / f"{task}.png", dpi=110)
         plt.close(fig)
