@@ -63,7 +63,11 @@ def tiny_args(tiny_ckpt: Path, out_dir: Path, *extra: str) -> list[str]:
 
 
 def run_main(args: list[str]) -> int:
-    """Run the trainer in this process (Accelerate's state is a singleton: reset it first)."""
+    """Run the trainer in this process (Accelerate's state is a singleton: reset it first). What is
+    alive now is frozen out of the collector's reach (as mtbert.training.multirun does per run):
+    the run's closing gc.collect() then walks its own garbage, not the whole test session's."""
+    import gc
+    gc.freeze()
     from accelerate.state import AcceleratorState, GradientState, PartialState
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
