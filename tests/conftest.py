@@ -67,6 +67,7 @@ def run_main(args: list[str]) -> int:
     alive now is frozen out of the collector's reach (as mtbert.training.multirun does per run):
     the run's closing gc.collect() then walks its own garbage, not the whole test session's."""
     import gc
+    gc.collect()  # the previous run's garbage first: frozen, it would never be freed
     gc.freeze()
     from accelerate.state import AcceleratorState, GradientState, PartialState
     AcceleratorState._reset_state(True)

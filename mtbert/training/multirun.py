@@ -100,8 +100,12 @@ def run_plan(plan_file: str, around: Callable | None = None) -> int:
     for case in plan["cases"]:
         # Each run ends with Accelerate's free_memory: a full gc.collect(), which walks every object
         # of torch, transformers and DeepSpeed (~0.3 s per run and rank: 27% of a test case's time,
-        # py-spy, 2026-12-07). What survives a collection (modules, caches) is frozen out of the
-        # collector's reach (gc.freeze: refcounting still frees it), so it walks one run's garbage.
+        # py-spy, 2026-12-07). So what is alive between two runs (modules, caches) is frozen out of
+        # the collector's reach (gc.freeze; refcounting still frees it), and every collection walks
+        # one run's objects only. The previous run is collected first: it is garbage only now
+        # (its objects were still referenced during its own free_memory), and frozen garbage would
+        # never be freed.
+        gc.collect()
         gc.freeze()
         try:
             run_case(case, results, rank, around)
