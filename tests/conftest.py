@@ -133,6 +133,22 @@ def launched(tiny_ckpt, tmp_path_factory, references):
     return get
 
 
+@pytest.fixture(scope="session")
+def two_rank_uninterrupted(tiny_ckpt, tmp_path_factory) -> Path:
+    """A 2-rank PCGrad run of test_reliability.LONG, never interrupted: what the launcher-SIGKILL
+    (test_reliability.py) and the write-error (test_checkpoint_faults.py) faults must end equal
+    to. One launch for both."""
+    run = tmp_path_factory.mktemp("two_rank_uninterrupted") / "run"
+    result = launch("cpu_2proc.yaml", two_rank_args(tiny_ckpt, run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def two_rank_args(tiny_ckpt: Path, run: Path) -> list[str]:
+    from test_reliability import LONG
+    return tiny_args(tiny_ckpt, run, *LONG, "--method.name=pcgrad")
+
+
 def launch(config: str, args: list[str], timeout: int = 600, env_extra: dict | None = None, processes: int = 0):
     """Run the trainer the way users do: accelerate launch --config_file accelerate_configs/<config>
     (``processes``: override the config's num_processes, as users do with --num_processes)."""

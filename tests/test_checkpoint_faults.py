@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, free_port, launch, load_weights, read_metrics, run_main, tiny_args
+from conftest import ROOT, free_port, launch, load_weights, read_metrics, run_main, tiny_args, two_rank_args
 from test_reliability import LONG, _alive, _ranks_of, _stable
 
 HELPER = ROOT / "tests" / "helpers" / "fault_train.py"
@@ -195,14 +195,14 @@ def _launcher(run_args: list[str]) -> list[str]:
 
 
 @pytest.mark.dist
-def test_a_write_error_on_a_rank_stops_every_rank_and_keeps_the_last_checkpoint(tiny_ckpt, tmp_path):
+def test_a_write_error_on_a_rank_stops_every_rank_and_keeps_the_last_checkpoint(tiny_ckpt, tmp_path,
+                                                                               two_rank_uninterrupted):
     """RLIMIT_FSIZE (a full disk as the kernel reports it to a writer: EFBIG) on a 2-rank run:
     rank 0 cannot write the checkpoint's model file while rank 1 waits for it in a barrier. Now
     rank 0 says what happened and exits, the launcher stops rank 1, the last checkpoint is intact,
     and a relaunch resumes from it to the uninterrupted run's weights."""
-    args_for = lambda run: tiny_args(tiny_ckpt, run, *LONG, "--method.name=pcgrad")
-    full = tmp_path / "full"
-    assert launch("cpu_2proc.yaml", args_for(full)).returncode == 0
+    args_for = lambda run: two_rank_args(tiny_ckpt, run)
+    full = two_rank_uninterrupted
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(tmp_path / "first.log", "w") as log:  # 1. a run stopped (SIGUSR1 to its ranks) after step_5

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, free_port, launch, load_weights, read_metrics, run_main, tiny_args
+from conftest import ROOT, free_port, launch, load_weights, read_metrics, run_main, tiny_args, two_rank_args
 
 LONG = ["--train.epoch_steps=40", "--train.checkpoint_every=5", "--train.keep_last=3", "--data.max_eval=8",
         "--train.log_every=7",  # checkpoints (every 5) fall inside log windows: the window is checkpointed
@@ -126,14 +126,13 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.dist
-def test_two_rank_sigkill_of_the_launcher_kills_its_ranks_and_resumes_bit_identical(tiny_ckpt, tmp_path):
+def test_two_rank_sigkill_of_the_launcher_kills_its_ranks_and_resumes_bit_identical(tiny_ckpt, tmp_path,
+                                                                                     two_rank_uninterrupted):
     """SIGKILL of `accelerate launch` (what an OOM killer or node agent does): torch elastic starts
     each rank in its own session, so only the launcher dies unless the ranks die with it. Proves
     the ranks are gone, that nothing was written after the kill, and where the relaunch resumed."""
-    args_for = lambda run: tiny_args(tiny_ckpt, run, *LONG[1:], "--train.epoch_steps=40", "--method.name=pcgrad")
-    full = tmp_path / "full"
-    result = launch("cpu_2proc.yaml", args_for(full))
-    assert result.returncode == 0, result.stderr[-3000:]
+    args_for = lambda run: two_rank_args(tiny_ckpt, run)  # 40 steps
+    full = two_rank_uninterrupted
     run = tmp_path / "run"
     launcher = [str(ROOT / ".venv" / "bin" / "accelerate") if (ROOT / ".venv" / "bin" / "accelerate").exists()
                 else "accelerate", "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
