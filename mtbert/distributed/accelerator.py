@@ -131,7 +131,7 @@ def leaves_parameters_idle(cfg) -> bool:
 
 def _refuse_unproved_zero3(cfg, ds_config: dict) -> None:
     """ZeRO-3 set-ups that are not equal to one process, each for a reason in the engine's code.
-    Idle parameters (a step without some task) are equal since engines/zero3.py clears the
+    Idle parameters (a step without some task) are equal since distributed/engines/zero3.py clears the
     gradient partitions after every step (docs/zero3-idle-parameters.md); that needs the
     partitions on the device, so optimizer offload is refused with per-task methods or idle
     parameters."""
@@ -150,7 +150,7 @@ def _accelerate_fsdp_off(fsdp: bool):
     """An FSDP launch (accelerate_configs/fsdp2.yaml): Accelerate must not build its FSDP plugin
     (on CPU it drops it anyway; on GPUs its wrapping would hide the shards mtbert's engine reads),
     so ACCELERATE_USE_FSDP reads false while the Accelerator is built; mtbert shards the model
-    itself (engines/fsdp2.py). The environment is restored: a later run in this process sees it."""
+    itself (distributed/engines/fsdp2.py). The environment is restored: a later run in this process sees it."""
     if not fsdp:
         yield
         return

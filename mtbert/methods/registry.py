@@ -3,7 +3,7 @@ live, and what it refuses. Presets (``--preset NAME``), ``--help``, the labels o
 ``python -m mtbert.compare``, ``launch/compare_methods.py`` and the README's methods table
 (``python -m mtbert.methods.registry`` prints it; a test keeps the README in step) read it.
 
-A method is a set of config overrides over the plain joint run: the step (step.py) and the
+A method is a set of config overrides over the plain joint run: the step (training/step.py) and the
 phases (methods/phases.py) read those fields, so a method has no code path of its own beyond
 the parts named here.
 """
@@ -44,18 +44,18 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "sum": MethodSpec(
         "sum (joint RR)", "seeds' joint-training baseline", (),
-        "step.py summed path; engines/"),
+        "training/step.py summed path; distributed/engines/"),
     "mean": MethodSpec(
         "mean", "summed loss divided by the step's task count", ("--method.name=mean",),
-        "step.py summed path"),
+        "training/step.py summed path"),
     "pcgrad": MethodSpec(
         "PCGrad (RR-PCGrad)", "Yu et al. 2020, Alg. 1; seeds: RR-PCGrad = PCGrad + round-robin",
         ("--method.name=pcgrad",),
         "optim/pcgrad.py (weights from the Gram), optim/aggregators/projection.py, optim/gradients.py (rows, reducers), "
-        "step.py per-task path; engines/zero3.py (on ZeRO-3's gradient partitions)"),
+        "training/step.py per-task path; distributed/engines/zero3.py (on ZeRO-3's gradient partitions)"),
     "gse": MethodSpec(
         "GSE", "seed 'An Exploration of Fine-Tuning Techniques on minBERT': PCGrad-mean update, then the plain sum",
-        ("--method.name=gse",), "optim/aggregators/projection.py (_gse: two weight vectors); step.py runs both updates",
+        ("--method.name=gse",), "optim/aggregators/projection.py (_gse: two weight vectors); training/step.py runs both updates",
         ),
     "a_pcgrad": MethodSpec(
         "A-PCGrad", "seeds: PCGrad + annealed sampling (Stickland & Murray 2019)",
@@ -68,7 +68,7 @@ METHODS: dict[str, MethodSpec] = {
     "arrp": MethodSpec(
         "ARRP", "seed 'Post-Op BERT': RR-PCGrad + extra largest-task batches (lambda, optional head-only)",
         ("--method.name=pcgrad", "--method.arrp_batches=20", "--method.arrp_freeze=all_but_head"),
-        "methods/phases.py (ARRP phases); model/heads.py (head_only); step.py",
+        "methods/phases.py (ARRP phases); model/heads.py (head_only); training/step.py",
         "schedules other than round_robin", marks=("--method.arrp_batches!=0",),
         budget=lambda s: ["--train.epochs=2", f"--train.epoch_steps={s // 2 - s // 8}",
                           f"--method.arrp_batches={3 * s // 8}", "--method.arrp_weight=0.5",
@@ -80,7 +80,7 @@ METHODS: dict[str, MethodSpec] = {
         budget=lambda s: [f"--train.epoch_steps={3 * s // 2}"]),
     "smart": MethodSpec(
         "SMART", "Jiang et al. 2020 (seeds: SMART regularisation per task)", ("--method.smart=true",),
-        "methods/smart.py (per-example noise); step.py adds it to each task loss"),
+        "methods/smart.py (per-example noise); training/step.py adds it to each task loss"),
     "sequential": MethodSpec(
         "sequential", "seeds' forgetting baseline: one task after another", ("--train.schedule=sequential",),
         "methods/phases.py (one phase per task)"),
@@ -146,7 +146,7 @@ METHODS: dict[str, MethodSpec] = {
         "method.gram_blocks=layer; a stateful inner method"),
     "gradnorm": MethodSpec(
         "GradNorm", "Chen et al. 2018: learnable weights equalising w_i ||g_i|| at loss-ratio targets (state)",
-        ("--method.name=gradnorm",), "optim/aggregators/stochastic.py (gradnorm_move); step.py (global losses)",
+        ("--method.name=gradnorm",), "optim/aggregators/stochastic.py (gradnorm_move); training/step.py (global losses)",
         "method.gram_blocks=layer (one problem per step)"),
     "krum": MethodSpec(
         "Krum", "Blanchard et al. 2017: (Multi-)Krum, the gradient(s) closest to their neighbours",
@@ -184,7 +184,7 @@ METHODS: dict[str, MethodSpec] = {
         budget=lambda s: [f"--train.epoch_steps={s}", f"--method.dwa_window={max(1, s // 6)}"]),
     "famo": MethodSpec(
         "FAMO", "Liu et al. 2023: fast adaptive multitask optimisation (task logits; state)",
-        ("--method.name=famo",), "optim/loss_weighting.py; step.py (_losses_after_update)",
+        ("--method.name=famo",), "optim/loss_weighting.py; training/step.py (_losses_after_update)",
         "method.smart (FAMO re-evaluates the plain task losses)"),
     "gls": MethodSpec(
         "GLS", "Chennupati et al. 2019: geometric loss strategy, exp(mean log L_k)",

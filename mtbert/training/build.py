@@ -101,7 +101,7 @@ def load_data(cfg: Config, specs: dict, module: MultitaskModel, folder: Path, re
 def prepare_training(accelerator, module, cfg: Config, total: int, coll: Collectives, reporter: Reporter):
     """The module, its optimizer and LR schedule, made ready for the launch's engine -> (model,
     optimizer, scheduler). Accelerate prepares them (DDP, DeepSpeed ZeRO), except under mtbert's
-    FSDP2 (engines/fsdp2.py): the module is sharded before the optimizer sees its parameters, and
+    FSDP2 (distributed/engines/fsdp2.py): the module is sharded before the optimizer sees its parameters, and
     both are checkpointed whole through ShardedTrainingState."""
     from transformers import get_scheduler
     fsdp2 = marked(accelerator)

@@ -30,7 +30,7 @@ __all__ = ["DeepSpeedEngine", "Fsdp2Engine", "TorchEngine", "Zero3Engine", "make
 
 
 def make_engine(accelerator, model, optimizer, scheduler, params, cfg, per_task: bool):
-    if marked(accelerator):  # mtbert's FSDP2 (engines/fsdp2.py), from an FSDP launch or the step tests
+    if marked(accelerator):  # mtbert's FSDP2 (distributed/engines/fsdp2.py), from an FSDP launch or the step tests
         cls = Fsdp2Engine
     elif accelerator.distributed_type != "DEEPSPEED":
         cls = TorchEngine
