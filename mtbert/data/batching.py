@@ -108,16 +108,20 @@ def load_split(spec, split: str, cfg, tokenizer, head_kind: str, log=print) -> T
         path = task_file(spec, split, cfg)
         key = _cache_key(spec, split, cfg, tokenizer, head_kind, path)
     if key is not None and key in _TOKENIZED:
-        kept = _TOKENIZED[key]
-        log(kept.report)
-        return TokenizedSplit(kept.task, list(kept.ids), list(kept.a), None if kept.b is None else list(kept.b),
-                              None if kept.types is None else list(kept.types),
-                              None if kept.labels is None else kept.labels.clone(), kept.report)
+        log(_TOKENIZED[key].report)
+        return _run_copy(_TOKENIZED[key])
     out = _load_split(spec, split, cfg, tokenizer, head_kind, log)
     if key is not None and out is not None:
         _TOKENIZED[key] = out
-        return load_split(spec, split, cfg, tokenizer, head_kind, lambda *a: None)  # a copy, not the kept one
+        return _run_copy(out)  # the run gets a copy, not the kept one
     return out
+
+
+def _run_copy(kept: TokenizedSplit) -> TokenizedSplit:
+    """A run's own outer lists and labels over the kept (never modified) token id lists."""
+    return TokenizedSplit(kept.task, list(kept.ids), list(kept.a), None if kept.b is None else list(kept.b),
+                          None if kept.types is None else list(kept.types),
+                          None if kept.labels is None else kept.labels.clone(), kept.report)
 
 
 def _load_split(spec, split: str, cfg, tokenizer, head_kind: str, log=print) -> TokenizedSplit | None:

@@ -187,10 +187,8 @@ class GradientBuffers(TaskRows):
     def coordinates(self, rank: int = 0, world: int = 1) -> torch.Tensor:
         """[P_pad] each column's global coordinate (its place in the shared parameters, in the
         module's order); -1 for the padding."""
-        if getattr(self, "_coords", None) is None:  # fixed for the run: made once, not per step
-            coords = torch.arange(self.G.shape[1], device=self.G.device)
-            self._coords = torch.where(coords < self.P, coords, -1)
-        return self._coords
+        coords = torch.arange(self.G.shape[1], device=self.G.device)
+        return torch.where(coords < self.P, coords, -1)
 
     def attach_update(self) -> None:
         """shared .grad <- views of the update, for the optimizer."""

@@ -87,6 +87,7 @@ class Stepper:
         # with sharded parameters (ZeRO-3, FSDP2), whose forward hooks gather them.
         self.task_model = self.model if self.engine.forward_through_wrapper else self.module
         self.column_state = None  # per-coordinate state of a coordinate-wise method, made at its first step
+        self.columns = None  # [n] global coordinates of this rank's columns (coordinate-wise methods): fixed for the run
         if self.per_task:  # the engine knows where per-task gradients live (full rows or partitions)
             self.buffers = self.engine.make_buffers(self.module, tasks, collectives.world, cfg.method.gram_blocks)
             self.reducer = self.engine.make_reducer(cfg.method.reducer, collectives, len(tasks))
@@ -209,7 +210,10 @@ class Stepper:
         inputs = GramInputs(gram_cpu, self._task_index(present), seeded_generator(self.cfg.train.seed, step),
                             self.cfg.method, lambda: self._global_losses([losses[t] for t in present]))
         if aggregators.is_coordinate_wise(name):  # TrimmedMean, GradDrop, ...: on the columns where they lie
-            coords = self.reducer.local_columns(self.buffers.coordinates(self.collectives.rank, self.collectives.world))
+            if self.columns is None:  # made once: an arange over every shared parameter, not per step
+                self.columns = self.reducer.local_columns(self.buffers.coordinates(self.collectives.rank,
+                                                                                   self.collectives.world))
+            coords = self.columns
             if self.column_state is None:  # [K, n] beside this rank's columns (ExcessMTL, MoCo, DB-MTL)
                 self.column_state = aggregators.initial_column_state(name, len(self.tasks), local_rows.shape[1],
                                                                      local_rows)

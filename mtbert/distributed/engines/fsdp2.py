@@ -133,8 +133,6 @@ class ShardRows(TaskRows):
     def coordinates(self, rank: int, world: int) -> torch.Tensor:
         """[P_local] each column's global coordinate (the place of its element in the shared
         parameters, module order, as in the 1-process rows): a dim-0 shard is a contiguous run."""
-        if getattr(self, "_coords", None) is not None:  # fixed for the run: made once, not per step
-            return self._coords
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
         parts, base = [], 0
         for p in self.shared:
@@ -146,8 +144,7 @@ class ShardRows(TaskRows):
                 start = 0
             parts.append(base + start + torch.arange(n))
             base += p.numel()
-        self._coords = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-        return self._coords
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     def start(self, present: list[str], attach: bool = False) -> None:
         for t in present:
@@ -198,25 +195,15 @@ class Fsdp2Engine(TorchEngine):
     def backward(self, loss: torch.Tensor, last: bool, scale: float = 1.0) -> None:
         (loss * scale if scale != 1.0 else loss).backward()  # FSDP2 reduce-scatters; the DTensor grads accumulate
 
-    def step(self, per_task: bool, schedule: bool = True, scale: float = 1.0):
-        with_grad = [p for p in self.params if p.grad is not None]
-        if scale != 1.0:
-            for p in with_grad:
-                p.grad.div_(scale)
-        if self.idle == "step":
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = _like(p, torch.zeros_like(_local(p)))
-            with_grad = list(self.params)
-        norm = torch.nn.utils.clip_grad_norm_(with_grad, self.clip, foreach=True)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor -> the global norm
-        applied = bool(torch.isfinite(norm))
-        if applied:
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        if schedule:
-            self.sched.step()
-        return norm, applied
+    def zero_grad_like(self, p) -> torch.Tensor:
+        return _like(p, torch.zeros_like(_local(p)))  # a DTensor of zeros on this rank's shard
+
+    def unscale(self, grads: list, scale: float) -> None:
+        for g in grads:  # DTensor gradients, one by one
+            g.div_(scale)
+
+    def global_norm(self, norm) -> torch.Tensor:
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor -> the global norm
 
     def make_buffers(self, module, tasks: list[str], world: int, gram_blocks: str) -> ShardRows:
         return ShardRows(module, tasks, gram_blocks)

@@ -32,12 +32,12 @@ class TorchEngine:
         if self.idle == "step":  # ("auto" outside a launch = keep)
             for p in self.params:
                 if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+                    p.grad = self.zero_grad_like(p)
         with_grad = [p for p in self.params if p.grad is not None]
         if scale != 1.0 and with_grad:  # (the per-task path unscales its rows itself)
-            torch._foreach_div_([p.grad for p in with_grad], scale)
+            self.unscale([p.grad for p in with_grad], scale)
         # the global norm: DDP's gradients are already averaged, so torch's is the same on every rank
-        norm = torch.nn.utils.clip_grad_norm_(with_grad, self.clip, foreach=True)
+        norm = self.global_norm(torch.nn.utils.clip_grad_norm_(with_grad, self.clip, foreach=True))
         applied = bool(torch.isfinite(norm))  # the step's one host sync
         if applied:
             self.opt.step()
@@ -45,6 +45,16 @@ class TorchEngine:
         if schedule:
             self.sched.step()
         return norm, applied
+
+    # What an engine's gradients need in ``step`` (FSDP2's are DTensor shards: Fsdp2Engine).
+    def zero_grad_like(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(p)
+
+    def unscale(self, grads: list[torch.Tensor], scale: float) -> None:
+        torch._foreach_div_(grads, scale)
+
+    def global_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        return norm
 
     def skip(self) -> None:
         """A step skipped before the optimizer (non-finite per-task Gram): the schedule moves on."""

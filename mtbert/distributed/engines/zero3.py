@@ -74,16 +74,13 @@ class PartitionRows(TaskRows):
         """[P_local] each column's global coordinate (the place of its element in the shared
         parameters, module order, as in the 1-process rows); -1 for DeepSpeed's padding. A
         parameter's partition on rank r holds its flat elements [r pn, (r + 1) pn)."""
-        if getattr(self, "_coords", None) is not None:  # fixed for the run: made once, not per step
-            return self._coords
         parts, base = [], 0
         for p in self.shared:
             pn = p.partition_numel()
             elem = rank * pn + torch.arange(pn)
             parts.append(torch.where(elem < p.ds_numel, base + elem, -1))
             base += p.ds_numel
-        self._coords = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-        return self._coords
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     @property
     def flat(self) -> torch.Tensor:
